@@ -1,0 +1,282 @@
+"""The data contract between every part of pl3d_ros: Frame, CameraModel and Prediction.
+
+Everything that crosses a module boundary is one of these three objects, and each validates itself
+on construction, so a malformed message is rejected with a clear error at the edge instead of
+surfacing as a shape mismatch deep inside a model.
+
+Units: metres for points and translations, pixels for intrinsics, nanoseconds for stamps.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: Number of distortion coefficients each supported ROS ``distortion_model`` needs.
+DISTORTION_COEFFS = {"none": 0, "plumb_bob": 5, "rational_polynomial": 8}
+
+#: Rotation matrices may deviate from orthonormal by this much (KITTI's Tr deviates by ~1e-7).
+RIGID_TOLERANCE = 1e-4
+
+
+class FrameError(ValueError):
+    """A Frame, CameraModel or Prediction was built from inconsistent or malformed data."""
+
+
+def _as_matrix(value, shape: tuple[int, ...], name: str) -> np.ndarray:
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.size == int(np.prod(shape)) and arr.shape != shape:
+        arr = arr.reshape(shape)  # ROS messages carry K as 9 floats and P as 12
+    if arr.shape != shape:
+        raise FrameError(f"{name} must have shape {shape}, got {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise FrameError(f"{name} contains NaN or inf: {arr.tolist()}")
+    return arr
+
+
+def check_rigid(T: np.ndarray, name: str = "transform") -> np.ndarray:
+    """Validate a 4x4 homogeneous rigid transform and return it as float64.
+
+    Raises FrameError if the rotation block is not orthonormal with determinant +1 (scaled,
+    sheared or mirrored extrinsics are a calibration bug, not something to project with).
+    """
+    T = _as_matrix(T, (4, 4), name)
+    if not np.allclose(T[3], [0.0, 0.0, 0.0, 1.0], atol=1e-9):
+        raise FrameError(f"{name} last row must be [0, 0, 0, 1], got {T[3].tolist()}")
+    R = T[:3, :3]
+    err = float(np.abs(R @ R.T - np.eye(3)).max())
+    det = float(np.linalg.det(R))
+    if err > RIGID_TOLERANCE or abs(det - 1.0) > RIGID_TOLERANCE:
+        raise FrameError(
+            f"{name} is not rigid: |R R^T - I|max = {err:.2e}, det(R) = {det:.6f} "
+            f"(tolerance {RIGID_TOLERANCE:g}); check the extrinsic calibration"
+        )
+    return T
+
+
+@dataclass(frozen=True, eq=False)
+class CameraModel:
+    """A calibrated camera and its pose relative to the LiDAR.
+
+    Attributes:
+        K: (3, 3) float64 intrinsics in pixels (fx, fy, cx, cy; skew allowed).
+        width, height: image size in pixels that K refers to.
+        T_cam_lidar: (4, 4) float64 rigid transform mapping LiDAR coordinates (metres) into the
+            camera's optical frame (x right, y down, z forward).
+        distortion_model: "none", "plumb_bob" (k1 k2 p1 p2 k3) or "rational_polynomial"
+            (k1 k2 p1 p2 k3 k4 k5 k6), as in sensor_msgs/CameraInfo.
+        D: distortion coefficients in the CameraInfo order.
+        frame_id: the camera's optical frame name, informational.
+    """
+
+    K: np.ndarray
+    width: int
+    height: int
+    T_cam_lidar: np.ndarray = field(default_factory=lambda: np.eye(4))
+    distortion_model: str = "none"
+    D: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    frame_id: str = ""
+
+    def __post_init__(self) -> None:
+        K = _as_matrix(self.K, (3, 3), "K")
+        if K[0, 0] <= 0 or K[1, 1] <= 0:
+            raise FrameError(f"K must have positive focal lengths, got fx={K[0, 0]}, fy={K[1, 1]}")
+        if not np.allclose(K[2], [0.0, 0.0, 1.0]):
+            raise FrameError(f"K last row must be [0, 0, 1], got {K[2].tolist()}")
+        if int(self.width) != self.width or int(self.height) != self.height:
+            raise FrameError(f"image size must be integer, got {self.width} x {self.height}")
+        if self.width <= 0 or self.height <= 0:
+            raise FrameError(
+                f"image size must be positive, got {self.width} x {self.height} "
+                "(an all-zero CameraInfo means the camera is not calibrated)"
+            )
+        model = self.distortion_model or "none"
+        D = np.asarray(self.D, dtype=np.float64).reshape(-1)
+        if model in ("plumb_bob", "rational_polynomial") and not np.any(D):
+            model, D = "none", np.zeros(0)  # all-zero coefficients: an undistorted camera
+        if model not in DISTORTION_COEFFS:
+            raise FrameError(
+                f"unsupported distortion_model {model!r}; supported: {sorted(DISTORTION_COEFFS)}"
+            )
+        need = DISTORTION_COEFFS[model]
+        if D.size < need or np.any(D[need:]):
+            # Trailing zeros are tolerated (some drivers pad plumb_bob to 8 values).
+            raise FrameError(f"{model} needs {need} distortion coefficients, got {D.tolist()}")
+        D = np.ascontiguousarray(D[:need])
+        if not np.all(np.isfinite(D)):
+            raise FrameError(f"distortion coefficients contain NaN or inf: {D.tolist()}")
+        object.__setattr__(self, "K", K)
+        object.__setattr__(self, "width", int(self.width))
+        object.__setattr__(self, "height", int(self.height))
+        object.__setattr__(self, "T_cam_lidar", check_rigid(self.T_cam_lidar, "T_cam_lidar"))
+        object.__setattr__(self, "distortion_model", model)
+        object.__setattr__(self, "D", D)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        return self.width, self.height
+
+    def resized(self, width: int, height: int) -> CameraModel:
+        """The same camera for an image resized to ``width`` x ``height`` pixels.
+
+        Pixel-edge convention: pixel centres sit at integer + 0.5 in continuous coordinates, so
+        the principal point scales as (c + 0.5) * s - 0.5.
+        """
+        sx, sy = width / self.width, height / self.height
+        K = self.K.copy()
+        K[0, 0] *= sx
+        K[0, 1] *= sx
+        K[1, 1] *= sy
+        K[0, 2] = (K[0, 2] + 0.5) * sx - 0.5
+        K[1, 2] = (K[1, 2] + 0.5) * sy - 0.5
+        return CameraModel(K, width, height, self.T_cam_lidar, self.distortion_model, self.D,
+                           self.frame_id)
+
+    def cropped(self, x0: int, y0: int, width: int, height: int) -> CameraModel:
+        """The same camera for the crop [y0:y0+height, x0:x0+width] of its image."""
+        if x0 < 0 or y0 < 0 or x0 + width > self.width or y0 + height > self.height:
+            raise FrameError(
+                f"crop ({x0}, {y0}, {width}x{height}) exceeds the image {self.width}x{self.height}"
+            )
+        K = self.K.copy()
+        K[0, 2] -= x0
+        K[1, 2] -= y0
+        return CameraModel(K, width, height, self.T_cam_lidar, self.distortion_model, self.D,
+                           self.frame_id)
+
+
+@dataclass(eq=False)
+class Frame:
+    """One synchronized camera + LiDAR sample.
+
+    Attributes:
+        stamp_ns: the LiDAR cloud's header stamp in nanoseconds.
+        points: (N, 4) float32 x, y, z (metres, LiDAR frame) and intensity. Rows with NaN or inf
+            are dropped on construction; ``dropped_points`` counts them.
+        image: (H, W, 3) uint8 RGB; H, W must equal the camera model's height, width.
+        camera: the CameraModel of ``image``.
+        labels: optional (N,) uint32 ground truth in the dataset's raw ids (for SemanticKITTI
+            the lower 16 bits are the semantic id); map with ``labels.ClassSet.to_train_ids``.
+        seq: running index of the frame in its stream.
+        lidar_frame_id: the cloud's frame name, informational.
+    """
+
+    stamp_ns: int
+    points: np.ndarray
+    image: np.ndarray
+    camera: CameraModel
+    labels: np.ndarray | None = None
+    seq: int = 0
+    lidar_frame_id: str = ""
+    dropped_points: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.camera, CameraModel):
+            raise FrameError(f"camera must be a CameraModel, got {type(self.camera).__name__}")
+        if int(self.stamp_ns) != self.stamp_ns or self.stamp_ns < 0:
+            raise FrameError(f"stamp_ns must be a non-negative integer, got {self.stamp_ns!r}")
+        self.stamp_ns = int(self.stamp_ns)
+
+        pts = np.asarray(self.points)
+        if pts.ndim != 2 or pts.shape[1] != 4:
+            raise FrameError(f"points must have shape (N, 4) [x, y, z, intensity], got {pts.shape}")
+        if not np.issubdtype(pts.dtype, np.floating):
+            raise FrameError(f"points must be floating point, got dtype {pts.dtype}")
+        pts = np.ascontiguousarray(pts, dtype=np.float32)
+        finite = np.isfinite(pts).all(axis=1)
+        n_bad = int(pts.shape[0] - np.count_nonzero(finite))
+        labels = self.labels
+        if labels is not None:
+            labels = np.asarray(labels)
+            if labels.shape != (pts.shape[0],):
+                raise FrameError(
+                    f"labels must have shape ({pts.shape[0]},) to match points, got {labels.shape}"
+                )
+            if not np.issubdtype(labels.dtype, np.integer):
+                raise FrameError(f"labels must be integer ids, got dtype {labels.dtype}")
+            labels = labels.astype(np.uint32, copy=False)
+        if n_bad:
+            pts = pts[finite]
+            labels = labels[finite] if labels is not None else None
+            log.debug("frame %d: dropped %d non-finite points", self.seq, n_bad)
+        if pts.shape[0] == 0:
+            raise FrameError(
+                f"frame {self.seq} has no finite points ({n_bad} non-finite dropped): empty cloud"
+            )
+        self.points = pts
+        self.labels = labels
+        self.dropped_points = int(self.dropped_points) + n_bad
+
+        img = np.asarray(self.image)
+        if img.ndim != 3 or img.shape[2] != 3:
+            raise FrameError(f"image must have shape (H, W, 3) RGB, got {img.shape}")
+        if img.dtype != np.uint8:
+            raise FrameError(f"image must be uint8, got dtype {img.dtype}")
+        if (img.shape[1], img.shape[0]) != self.camera.size:
+            raise FrameError(
+                f"image is {img.shape[1]}x{img.shape[0]} but the camera model is "
+                f"{self.camera.width}x{self.camera.height}; the CameraInfo does not belong to "
+                "this image stream (or the image was resized without adjusting K)"
+            )
+        self.image = img
+
+    @property
+    def num_points(self) -> int:
+        return int(self.points.shape[0])
+
+    @property
+    def stamp_s(self) -> float:
+        return self.stamp_ns * 1e-9
+
+
+@dataclass(eq=False)
+class Prediction:
+    """The segmenter's output for one Frame.
+
+    Attributes:
+        labels: (N,) uint8 train ids of the active class set.
+        confidence: (N,) float32 in [0, 1], the fused probability of ``labels``.
+        in_view: (N,) bool, points that project into the camera image.
+        probs_2d: (M, C) float32 image-branch probabilities of the M = in_view.sum() points.
+        probs_3d: (N, C) float32 range-branch probabilities of all points.
+        timings_ms: per-stage wall time in milliseconds (preprocess, 2d, 3d, fusion, ...).
+        stamp_ns: the frame's stamp.
+    """
+
+    labels: np.ndarray
+    confidence: np.ndarray
+    in_view: np.ndarray
+    probs_2d: np.ndarray
+    probs_3d: np.ndarray
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    stamp_ns: int = 0
+
+    def __post_init__(self) -> None:
+        n = np.asarray(self.labels).shape[0] if np.ndim(self.labels) == 1 else -1
+        if n < 0:
+            raise FrameError(f"labels must be 1-D, got shape {np.shape(self.labels)}")
+        self.labels = np.asarray(self.labels, dtype=np.uint8)
+        self.confidence = np.asarray(self.confidence, dtype=np.float32)
+        self.in_view = np.asarray(self.in_view, dtype=bool)
+        self.probs_2d = np.asarray(self.probs_2d, dtype=np.float32)
+        self.probs_3d = np.asarray(self.probs_3d, dtype=np.float32)
+        for name in ("confidence", "in_view"):
+            if getattr(self, name).shape != (n,):
+                raise FrameError(f"{name} must have shape ({n},), got {getattr(self, name).shape}")
+        if self.probs_3d.ndim != 2 or self.probs_3d.shape[0] != n:
+            raise FrameError(f"probs_3d must have shape ({n}, C), got {self.probs_3d.shape}")
+        m = int(np.count_nonzero(self.in_view))
+        if self.probs_2d.shape != (m, self.probs_3d.shape[1]):
+            raise FrameError(
+                f"probs_2d must have shape ({m}, {self.probs_3d.shape[1]}) for the in-view points, "
+                f"got {self.probs_2d.shape}"
+            )
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.probs_3d.shape[1])

@@ -1,0 +1,49 @@
+"""pl3d_ros: an ament_python package that also installs with plain pip (no ROS needed).
+
+ROS 2 dependencies (rclpy, message_filters, ...) come from package.xml / rosdep, never from pip:
+they are imported only by pl3d_ros/node.py.
+"""
+
+from glob import glob
+
+from setuptools import find_packages, setup
+
+PACKAGE = "pl3d_ros"
+
+setup(
+    name=PACKAGE,
+    version="0.1.0",
+    description="Online camera+LiDAR 3D semantic segmentation with source-free adaptation for ROS 2",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(exclude=["test", "test.*", "bench", "bench.*"]),
+    package_data={PACKAGE: ["classes/*.yaml"]},
+    data_files=[
+        ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
+        (f"share/{PACKAGE}", ["package.xml"]),
+        (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
+        (f"share/{PACKAGE}/config", glob("config/*.yaml")),
+        (f"share/{PACKAGE}/rviz", glob("rviz/*.rviz")),
+    ],
+    install_requires=[
+        "numpy>=1.24",
+        "pyyaml>=6.0",
+        "pillow>=9.0",
+        "rosbags>=0.10.4",
+        "tqdm>=4.60",
+        "setuptools",
+    ],
+    extras_require={
+        # GPU inference: TensorRT 10 + CuPy (CUDA 12 wheels). Install where an NVIDIA GPU is present.
+        "trt": ["tensorrt>=10.0", "cupy-cuda12x>=13.0"],
+        "dev": ["pytest>=7.4"],
+    },
+    zip_safe=True,
+    entry_points={
+        "console_scripts": [
+            "pl3d = pl3d_ros.cli:main",
+        ],
+    },
+)

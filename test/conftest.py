@@ -1,0 +1,34 @@
+"""Shared fixtures: the real SemanticKITTI sample in ../shared/data (never copied into the repo)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+KITTI_ROOT = Path(os.environ.get("PL3D_KITTI_ROOT", REPO.parent / "shared" / "data" / "semantickitti-mini"))
+
+
+def kitti_sequence_dir(seq: str = "00") -> Path:
+    """The folder of a SemanticKITTI sequence, or skip the test with the reason."""
+    path = KITTI_ROOT / "sequences" / seq
+    if not (path / "velodyne").is_dir():
+        pytest.skip(f"SemanticKITTI sample not found at {path} (set PL3D_KITTI_ROOT)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def kitti00() -> Path:
+    return kitti_sequence_dir("00")
+
+
+@pytest.fixture(scope="session")
+def kitti_bag00(tmp_path_factory, kitti00) -> Path:
+    """Sequence 00 converted once per session with `pl3d kitti2bag` (MCAP)."""
+    from pl3d_ros.io.kitti import sequence_to_bag
+
+    out = tmp_path_factory.mktemp("bags") / "s00"
+    sequence_to_bag(kitti00, out)
+    return out

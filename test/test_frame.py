@@ -1,0 +1,111 @@
+import numpy as np
+import pytest
+
+from pl3d_ros.frame import CameraModel, Frame, FrameError, Prediction
+
+
+def camera(width=64, height=48, **kw):
+    K = np.array([[50.0, 0, 31.5], [0, 50.0, 23.5], [0, 0, 1]])
+    return CameraModel(K, width, height, **kw)
+
+
+def frame(points=None, image=None, **kw):
+    pts = np.random.default_rng(0).normal(size=(100, 4)).astype(np.float32) if points is None else points
+    img = np.zeros((48, 64, 3), np.uint8) if image is None else image
+    return Frame(1_000, pts, img, camera(), **kw)
+
+
+def test_nonfinite_points_dropped_and_counted_with_their_labels():
+    pts = np.ones((10, 4), np.float32)
+    pts[2, 0] = np.nan
+    pts[7, 3] = np.inf
+    labels = np.arange(10, dtype=np.uint32)
+    f = frame(pts, labels=labels)
+    assert f.num_points == 8
+    assert f.dropped_points == 2
+    np.testing.assert_array_equal(f.labels, [0, 1, 3, 4, 5, 6, 8, 9])
+    assert f.points.dtype == np.float32
+
+
+def test_float64_points_become_float32():
+    f = frame(np.zeros((5, 4), np.float64))
+    assert f.points.dtype == np.float32
+
+
+@pytest.mark.parametrize("pts, msg", [
+    (np.zeros((5, 3), np.float32), r"\(N, 4\)"),
+    (np.zeros((5, 4), np.int32), "floating"),
+    (np.full((5, 4), np.nan, np.float32), "empty cloud"),
+    (np.zeros((0, 4), np.float32), "empty cloud"),
+])
+def test_bad_points_rejected(pts, msg):
+    with pytest.raises(FrameError, match=msg):
+        frame(pts)
+
+
+def test_image_size_must_match_camera():
+    with pytest.raises(FrameError, match="64x48"):
+        frame(image=np.zeros((47, 64, 3), np.uint8))
+    with pytest.raises(FrameError, match="uint8"):
+        frame(image=np.zeros((48, 64, 3), np.float32))
+    with pytest.raises(FrameError, match="RGB"):
+        frame(image=np.zeros((48, 64), np.uint8))
+
+
+def test_label_shape_checked():
+    with pytest.raises(FrameError, match="labels"):
+        frame(labels=np.zeros(99, np.uint32))
+
+
+def test_non_rigid_extrinsics_rejected():
+    T = np.eye(4)
+    T[0, 0] = 1.1  # scaled
+    with pytest.raises(FrameError, match="not rigid"):
+        camera(T_cam_lidar=T)
+    T = np.diag([1.0, 1.0, -1.0, 1.0])  # mirrored
+    with pytest.raises(FrameError, match="not rigid"):
+        camera(T_cam_lidar=T)
+    T = np.eye(4)
+    T[3, 0] = 0.5
+    with pytest.raises(FrameError, match="last row"):
+        camera(T_cam_lidar=T)
+
+
+def test_camera_validation():
+    with pytest.raises(FrameError, match="not calibrated"):
+        camera(width=0, height=0)
+    with pytest.raises(FrameError, match="focal"):
+        CameraModel(np.zeros((3, 3)) + np.diag([0, 0, 1]), 10, 10)
+    with pytest.raises(FrameError, match="plumb_bob needs 5"):
+        camera(distortion_model="plumb_bob", D=[0.1, 0.2])
+    with pytest.raises(FrameError, match="unsupported"):
+        camera(distortion_model="fisheye", D=[0.1, 0.2, 0.0, 0.0])
+    # all-zero coefficients mean no distortion; zero padding past the model's count is tolerated
+    assert camera(distortion_model="plumb_bob", D=np.zeros(5)).distortion_model == "none"
+    cam = camera(distortion_model="plumb_bob", D=[0.1, 0.01, 0, 0, 0, 0, 0, 0])
+    assert cam.D.shape == (5,)
+    # K given as 9 floats, as in CameraInfo
+    assert CameraModel(np.eye(3).ravel() * 1, 4, 4).K.shape == (3, 3)
+
+
+def test_resized_and_cropped_camera():
+    cam = camera()
+    half = cam.resized(32, 24)
+    assert half.K[0, 0] == 25.0 and half.K[1, 1] == 25.0
+    # the image centre stays the image centre
+    assert half.K[0, 2] == pytest.approx((32 - 1) / 2) and half.K[1, 2] == pytest.approx((24 - 1) / 2)
+    crop = cam.cropped(10, 4, 40, 40)
+    assert crop.K[0, 2] == pytest.approx(21.5) and crop.size == (40, 40)
+    with pytest.raises(FrameError, match="exceeds"):
+        cam.cropped(30, 0, 40, 48)
+
+
+def test_prediction_shapes_validated():
+    n, c = 6, 3
+    in_view = np.array([1, 0, 1, 1, 0, 0], bool)
+    p = Prediction(np.zeros(n), np.ones(n), in_view, np.zeros((3, c)), np.zeros((n, c)))
+    assert p.num_classes == 3 and p.labels.dtype == np.uint8
+    with pytest.raises(FrameError, match="probs_2d"):
+        Prediction(np.zeros(n), np.ones(n), in_view, np.zeros((4, c)), np.zeros((n, c)))
+    with pytest.raises(FrameError, match="confidence"):
+        Prediction(np.zeros(n), np.ones(n - 1), in_view, np.zeros((3, c)), np.zeros((n, c)))

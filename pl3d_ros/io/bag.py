@@ -332,8 +332,10 @@ class BagReader:
             while pending:
                 stamp, cloud = pending[0]
                 newest = max((t for t, _ in images), default=None)
-                # Wait while a later image could still be closer, unless the queue is full.
-                if not final and (newest is None or newest < stamp + slop) and len(pending) <= self.queue_size:
+                # Wait while a later image could still be closer (or no CameraInfo has come yet),
+                # unless the queue is full.
+                waiting = newest is None or newest < stamp + slop or not infos
+                if not final and waiting and len(pending) <= self.queue_size:
                     return
                 pending.popleft()
                 while images and images[0][0] < stamp - slop:

@@ -1,0 +1,587 @@
+"""Camera projection and spherical range images: how LiDAR points meet pixels and range cells.
+
+Two maps from the point cloud, both vectorised over points:
+
+* ``project_points``: LiDAR points -> pixel coordinates of a calibrated camera (pinhole + OpenCV
+  plumb_bob / rational_polynomial distortion), with a mask of the points the camera really sees.
+* ``range_projection``: LiDAR points -> cells of a rows x cols spherical range image (RangeNet++
+  conventions), with the per-cell winner (nearest point) and the per-point cell, so per-point
+  features can be scattered into the image and per-cell predictions gathered back to every point.
+
+Units: metres for points and depths, pixels for image coordinates, radians for angles. Pixel
+coordinates follow the OpenCV / ROS convention: pixel (0, 0)'s centre is at (0, 0), so the image
+covers [-0.5, width - 0.5) x [-0.5, height - 0.5).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from pl3d_ros.config import RangeImageConfig
+from pl3d_ros.frame import CameraModel
+
+__all__ = [
+    "Projection",
+    "RangeProjection",
+    "distort_normalized",
+    "project_points",
+    "range_image_channels",
+    "range_projection",
+    "undistort_pixels",
+    "valid_radius",
+]
+
+#: Margin added to the undistorted radius of the image border when deciding which points the
+#: lens can see: points just outside the border still project outside the image, and the margin
+#: keeps them from being cut by the guard instead of by the (exact) image-bounds test.
+RADIUS_MARGIN = 1.10
+
+#: An undistorted pixel whose re-distortion misses the input by more than this (pixels) is
+#: reported as NaN rather than as a wrong direction (the solver did not converge there).
+UNDISTORT_TOLERANCE_PX = 1e-3
+
+
+# -- distortion --------------------------------------------------------------------------------
+
+
+def _coefficients(camera: CameraModel) -> np.ndarray:
+    """(8,) float64 k1 k2 p1 p2 k3 k4 k5 k6; the rational terms are zero for plumb_bob."""
+    coeffs = np.zeros(8)
+    coeffs[: camera.D.size] = camera.D
+    return coeffs
+
+
+def _radial_terms(r2: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Numerator, denominator of the radial factor and d(radial)/d(r^2), all shaped like r2."""
+    k1, k2, _, _, k3, k4, k5, k6 = c
+    num = 1.0 + r2 * (k1 + r2 * (k2 + r2 * k3))
+    den = 1.0 + r2 * (k4 + r2 * (k5 + r2 * k6))
+    dnum = k1 + r2 * (2.0 * k2 + r2 * 3.0 * k3)
+    dden = k4 + r2 * (2.0 * k5 + r2 * 3.0 * k6)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dradial = (dnum * den - num * dden) / (den * den)
+    return num, den, dradial
+
+
+def _radial_slope(r2: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """d(r * radial(r))/dr and the radial denominator at squared radius r2.
+
+    The distorted radius must grow with the undistorted one; where it does not (or where the
+    rational denominator crosses zero), two directions map to the same pixel and the model is
+    outside the region it was calibrated on.
+    """
+    num, den, dradial = _radial_terms(r2, c)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slope = num / den + 2.0 * r2 * dradial
+    return slope, den
+
+
+def _distort(x: np.ndarray, y: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """OpenCV distortion of normalised coordinates (x', y') -> (x'', y''), both unitless."""
+    k1, k2, p1, p2, k3, k4, k5, k6 = c
+    r2 = x * x + y * y
+    num, den, _ = _radial_terms(r2, c)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        radial = num / den
+    xy2 = 2.0 * x * y
+    xd = x * radial + p1 * xy2 + p2 * (r2 + 2.0 * x * x)
+    yd = y * radial + p1 * (r2 + 2.0 * y * y) + p2 * xy2
+    return xd, yd
+
+
+def _distort_jacobian(
+    x: np.ndarray, y: np.ndarray, c: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Partial derivatives (dxd/dx, dxd/dy, dyd/dx, dyd/dy) of ``_distort``."""
+    _, _, p1, p2, _, _, _, _ = c
+    r2 = x * x + y * y
+    num, den, dradial = _radial_terms(r2, c)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        radial = num / den
+    cross = 2.0 * x * y * dradial + 2.0 * p1 * x + 2.0 * p2 * y
+    a = radial + 2.0 * x * x * dradial + 2.0 * p1 * y + 6.0 * p2 * x
+    d = radial + 2.0 * y * y * dradial + 6.0 * p1 * y + 2.0 * p2 * x
+    return a, cross, cross, d
+
+
+def _to_pixels(xd: np.ndarray, yd: np.ndarray, K: np.ndarray) -> np.ndarray:
+    u = K[0, 0] * xd + K[0, 1] * yd + K[0, 2]
+    v = K[1, 1] * yd + K[1, 2]
+    return np.stack([u, v], axis=-1)
+
+
+def _as_xy(arr: np.ndarray, name: str) -> np.ndarray:
+    arr = np.asarray(arr, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise ValueError(f"{name} must have shape (M, 2), got {arr.shape}")
+    return arr
+
+
+def distort_normalized(xy: np.ndarray, camera: CameraModel) -> np.ndarray:
+    """Forward lens model: normalised camera coordinates -> pixel coordinates.
+
+    Args:
+        xy: (M, 2) undistorted normalised coordinates x' = X/Z, y' = Y/Z (unitless).
+        camera: the camera whose distortion and intrinsics to apply.
+
+    Returns:
+        (M, 2) float64 pixel coordinates (u, v), u = fx x'' + skew y'' + cx, v = fy y'' + cy.
+        No validity check: far off-axis inputs may fold back into the image (see
+        ``valid_radius``; ``project_points`` applies the guard).
+    """
+    xy = _as_xy(xy, "xy")
+    x, y = xy[:, 0], xy[:, 1]
+    if camera.distortion_model != "none":
+        x, y = _distort(x, y, _coefficients(camera))
+    return _to_pixels(x, y, camera.K)
+
+
+def _radial_map(r: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distorted radius f(r) = r * radial(r) and its slope df/dr, ignoring tangential terms."""
+    r2 = r * r
+    num, den, _ = _radial_terms(r2, c)
+    slope, _ = _radial_slope(r2, c)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return r * num / den, slope
+
+
+@functools.lru_cache(maxsize=64)
+def _fold_cached(D: tuple[float, ...]) -> tuple[float, float]:
+    c = np.zeros(8)
+    c[: len(D)] = D
+    # Searched uniformly in off-axis angle up to 89.9 degrees: a polynomial fitted to a narrow
+    # lens can turn over anywhere beyond its calibrated field.
+    r = np.tan(np.linspace(0.0, np.radians(89.9), 20001))
+    slope, den = _radial_slope(r * r, c)
+    folded = np.flatnonzero(~((slope > 0) & (den > 0)))
+    # The sample before the first non-increasing one: conservative by at most one grid step.
+    r_end = float(r[folded[0] - 1]) if folded.size else float(r[-1])
+    f_end, _ = _radial_map(np.array(r_end), c)
+    return (r_end if folded.size else float("inf")), float(f_end)
+
+
+def _fold(camera: CameraModel) -> tuple[float, float]:
+    """(r_fold, f_max) of the camera's radial map f(r) = r * radial(r).
+
+    r_fold is the first undistorted radius where f stops increasing (``inf`` if it never does
+    before 89.9 degrees off-axis); f_max is f there (or at 89.9 degrees). The lens model is
+    one-to-one only inside r_fold, and no distorted radius above f_max has a valid preimage.
+    """
+    return _fold_cached(tuple(camera.D.tolist()))
+
+
+def undistort_pixels(uv: np.ndarray, camera: CameraModel, iterations: int = 20) -> np.ndarray:
+    """Inverse lens model: pixel coordinates -> undistorted normalised camera coordinates.
+
+    Not OpenCV's fixed-point iteration x' = (x'' - tangential) / radial: it diverges where the
+    distortion is strong (k1 = -0.3, k2 = 0.1 with fx = 400 px on a 1280 x 720 image leaves half
+    the pixels unconverged after 20 iterations) and can settle on the folded branch of the
+    polynomial. Instead the radial part is inverted first on the one-to-one branch
+    [0, r_fold] by bracketed Newton (always converges), then the full model, tangential terms
+    included, is refined by 2-D Newton steps.
+
+    Args:
+        uv: (M, 2) pixel coordinates (u, v).
+        camera: the camera whose intrinsics and distortion to invert.
+        iterations: at most this many 2-D Newton steps (the radial stage takes at most
+            iterations + 20); both stages converge quadratically and stop once converged.
+
+    Returns:
+        (M, 2) float64 normalised coordinates (x', y'), unitless. A pixel that cannot be
+        inverted is NaN: beyond the lens's image circle (no direction on the one-to-one branch
+        maps to it), or the re-distorted result misses it by more than
+        ``UNDISTORT_TOLERANCE_PX``. Non-finite inputs give NaN.
+    """
+    uv = _as_xy(uv, "uv")
+    K = camera.K
+    y0 = (uv[:, 1] - K[1, 2]) / K[1, 1]
+    x0 = (uv[:, 0] - K[0, 2] - K[0, 1] * y0) / K[0, 0]
+    if camera.distortion_model == "none":
+        return np.stack([x0, y0], axis=-1)
+
+    c = _coefficients(camera)
+    r_fold, f_fold = _fold(camera)
+    hi_bound = r_fold if np.isfinite(r_fold) else float(np.tan(np.radians(89.9)))
+    rd = np.hypot(x0, y0)
+    with np.errstate(all="ignore"):
+        reachable = rd <= f_fold
+        lo = np.zeros_like(rd)
+        hi = np.full_like(rd, hi_bound)
+        r = np.where(reachable, np.minimum(rd, hi_bound), 0.0)
+        for _ in range(max(iterations, 1) + 20):
+            f, df = _radial_map(r, c)
+            below = f < rd
+            lo = np.where(below, r, lo)
+            hi = np.where(below, hi, r)
+            step = r - (f - rd) / df
+            # Newton while it stays inside the bracket, bisection otherwise: f is monotonic on
+            # [0, r_fold], so the bracket always holds the root.
+            r = np.where((step >= lo) & (step <= hi), step, 0.5 * (lo + hi))
+            if not np.any(reachable & (np.abs(f - rd) > 1e-15 * (1.0 + rd))):
+                break
+        scale = np.where(rd > 0, r / rd, 1.0)
+        x, y = x0 * scale, y0 * scale
+
+        def residual(xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            xd, yd = _distort(xs, ys, c)
+            ex, ey = xd - x0, yd - y0
+            return ex, ey, np.hypot(ex, ey)
+
+        ex, ey, err = residual(x, y)
+        for _ in range(max(iterations, 1)):
+            a, b, cc, d = _distort_jacobian(x, y, c)
+            det = a * d - b * cc
+            xn = x - (d * ex - b * ey) / det
+            yn = y - (a * ey - cc * ex) / det
+            exn, eyn, errn = residual(xn, yn)
+            # Keep only improving steps so a point can never be pushed off its solution.
+            better = np.isfinite(errn) & (errn < err)
+            # Converged once only rounding-level (1e-15, ~1e-12 px) improvements remain.
+            if not np.any(better & (err > 1e-15)):
+                break
+            x = np.where(better, xn, x)
+            y = np.where(better, yn, y)
+            ex = np.where(better, exn, ex)
+            ey = np.where(better, eyn, ey)
+            err = np.where(better, errn, err)
+
+        # Residual in pixels: the solver works in normalised units, users think in pixels.
+        bad = ~reachable | ~(err * max(K[0, 0], K[1, 1]) <= UNDISTORT_TOLERANCE_PX)
+    out = np.stack([x, y], axis=-1)
+    out[bad] = np.nan
+    return out
+
+
+# -- fold-back guard ---------------------------------------------------------------------------
+
+
+def _camera_key(camera: CameraModel) -> tuple:
+    # Keyed by content, not identity: a driver republishes CameraInfo every frame, and each
+    # message becomes a new CameraModel with the same calibration.
+    return (
+        camera.distortion_model,
+        tuple(camera.D.tolist()),
+        tuple(camera.K.ravel().tolist()),
+        camera.width,
+        camera.height,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _valid_radius_cached(key: tuple) -> float:
+    model, D, K, width, height = key
+    if model == "none":
+        return float("inf")
+    camera = CameraModel(np.reshape(K, (3, 3)), width, height, np.eye(4), model, np.asarray(D))
+    r_fold, _ = _fold(camera)
+
+    # The image border, one sample per pixel along each pixel-edge side.
+    us = np.arange(-0.5, width, 1.0)
+    vs = np.arange(-0.5, height, 1.0)
+    border = np.concatenate(
+        [
+            np.stack([us, np.full_like(us, -0.5)], axis=-1),
+            np.stack([us, np.full_like(us, height - 0.5)], axis=-1),
+            np.stack([np.full_like(vs, -0.5), vs], axis=-1),
+            np.stack([np.full_like(vs, width - 0.5), vs], axis=-1),
+        ]
+    )
+    xy = undistort_pixels(border, camera)
+    r_border = np.hypot(xy[:, 0], xy[:, 1])
+    # A border pixel that cannot be undistorted lies beyond the lens's image circle: the whole
+    # one-to-one region is then inside the image.
+    if not np.all(np.isfinite(r_border)):
+        return r_fold
+    return min(RADIUS_MARGIN * float(r_border.max()), r_fold)
+
+
+def valid_radius(camera: CameraModel) -> float:
+    """Largest undistorted normalised radius sqrt(x'^2 + y'^2) the camera can see (unitless).
+
+    The undistorted radius of the image border plus a 10 % margin, capped at the first radius
+    where the radial map r * radial(r) stops increasing (beyond it, polynomial distortion folds
+    far off-axis directions back into the image). ``inf`` for an undistorted camera. Computed once
+    per calibration and cached.
+    """
+    return _valid_radius_cached(_camera_key(camera))
+
+
+# -- camera projection -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Projection:
+    """LiDAR points projected into one camera image.
+
+    Attributes:
+        uv: (N, 2) float64 pixel coordinates (u right, v down; pixel (0, 0)'s centre at (0, 0)).
+            Computed for every point with a non-zero finite depth, including points behind the
+            camera (whose uv is the meaningless mirrored projection); NaN otherwise. Only
+            ``in_view`` points have a meaningful uv.
+        depth: (N,) float64 z in the camera optical frame, metres (negative behind the camera).
+        in_view: (N,) bool, points in front of the camera (depth > min_depth), finite, inside the
+            lens's valid field (see ``valid_radius``) and inside the image
+            [-0.5, width - 0.5) x [-0.5, height - 0.5).
+    """
+
+    uv: np.ndarray
+    depth: np.ndarray
+    in_view: np.ndarray
+
+    @property
+    def num_in_view(self) -> int:
+        return int(np.count_nonzero(self.in_view))
+
+    @property
+    def indices(self) -> np.ndarray:
+        """(M,) int64 indices of the in-view points, M = in_view.sum()."""
+        return np.flatnonzero(self.in_view)
+
+    @property
+    def pixel_indices(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, cols): two (M,) int64 arrays, the pixel each in-view point falls in.
+
+        Rounded half-up (floor(x + 0.5)), which maps the in-view interval [-0.5, size - 0.5)
+        exactly onto 0 .. size - 1, so ``image[rows, cols]`` is always in bounds.
+        """
+        uv = self.uv[self.in_view]
+        cols = np.floor(uv[:, 0] + 0.5).astype(np.int64)
+        rows = np.floor(uv[:, 1] + 0.5).astype(np.int64)
+        return rows, cols
+
+
+def _as_points(points: np.ndarray, name: str = "points") -> np.ndarray:
+    """(N, 3) float64 xyz of an (N, 3) or (N, 4) array."""
+    pts = np.asarray(points)
+    if pts.ndim != 2 or pts.shape[1] not in (3, 4):
+        raise ValueError(f"{name} must have shape (N, 3) or (N, 4), got {pts.shape}")
+    # float64 so that projections of float32 clouds agree with a float64 P @ Tr to ~1e-9 px.
+    return pts[:, :3].astype(np.float64)
+
+
+def project_points(
+    points_xyz: np.ndarray, camera: CameraModel, min_depth: float = 0.1
+) -> Projection:
+    """Project LiDAR points into the camera image.
+
+    Args:
+        points_xyz: (N, 3) or (N, 4) points in the LiDAR frame, metres (a 4th column, e.g.
+            intensity, is ignored).
+        camera: intrinsics, distortion, image size and ``T_cam_lidar``.
+        min_depth: points closer than this along the optical axis (metres) are not in view.
+
+    Returns:
+        A ``Projection`` with uv (N, 2), depth (N,) and in_view (N,).
+    """
+    xyz = _as_points(points_xyz, "points_xyz")
+    T = camera.T_cam_lidar
+    # Non-finite points and depth 0 are masked below, not warned about per frame.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = xyz @ T[:3, :3].T + T[:3, 3]
+        depth = p[:, 2]
+        x = p[:, 0] / depth
+        y = p[:, 1] / depth
+    usable = np.isfinite(x) & np.isfinite(y)
+    x = np.where(usable, x, np.nan)
+    y = np.where(usable, y, np.nan)
+
+    in_lens = np.ones(xyz.shape[0], dtype=bool)
+    if camera.distortion_model != "none":
+        c = _coefficients(camera)
+        r2 = x * x + y * y
+        with np.errstate(invalid="ignore"):
+            # The cached radius bounds the whole monotonic region; the per-point slope check also
+            # catches a fold the radius search sampled past.
+            slope, den = _radial_slope(r2, c)
+            in_lens = (r2 <= valid_radius(camera) ** 2) & (slope > 0) & (den > 0)
+        x, y = _distort(x, y, c)
+    uv = _to_pixels(x, y, camera.K)
+
+    with np.errstate(invalid="ignore"):
+        in_view = (
+            usable
+            & in_lens
+            & (depth > min_depth)
+            & (uv[:, 0] >= -0.5)
+            & (uv[:, 0] < camera.width - 0.5)
+            & (uv[:, 1] >= -0.5)
+            & (uv[:, 1] < camera.height - 0.5)
+        )
+    return Projection(uv=uv, depth=depth, in_view=in_view)
+
+
+# -- spherical range image ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class RangeProjection:
+    """Points of one LiDAR scan mapped onto a rows x cols spherical range image.
+
+    Attributes:
+        rows: (N,) int32 row of every point; points outside the vertical field of view are
+            clipped to the first / last row (RangeNet++), invalid points (zero range, NaN) get
+            the row of pitch 0 as a placeholder.
+        cols: (N,) int32 column of every point (col 0 is directly behind the sensor, col cols/2
+            straight ahead on +x, azimuth increases towards lower columns).
+        range: (N,) float32 distance from the sensor origin, metres (NaN for non-finite points).
+        in_fov: (N,) bool, valid points whose pitch lies in [fov_down, fov_up].
+        valid: (N,) bool, finite points with range > 0; only these can win a cell.
+        cell_to_point: (rows, cols) int32 index of the nearest valid point that fell in each
+            cell, -1 where no point did.
+    """
+
+    rows: np.ndarray
+    cols: np.ndarray
+    range: np.ndarray
+    in_fov: np.ndarray
+    valid: np.ndarray
+    cell_to_point: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, cols) of the image."""
+        return self.cell_to_point.shape
+
+    @property
+    def num_points(self) -> int:
+        return int(self.rows.shape[0])
+
+    @property
+    def occupied(self) -> np.ndarray:
+        """(rows, cols) bool, cells that some point won."""
+        return self.cell_to_point >= 0
+
+    @property
+    def winners(self) -> np.ndarray:
+        """(K,) int32 indices of the points that won a cell, in row-major cell order."""
+        return self.cell_to_point[self.cell_to_point >= 0]
+
+    def image(self, values: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        """Scatter per-point values of the winning points into the grid.
+
+        Args:
+            values: (N,) or (N, C) per-point values.
+            fill: value of empty cells.
+
+        Returns:
+            (rows, cols) float32 for (N,) input, (C, rows, cols) float32 for (N, C) input.
+        """
+        values = np.asarray(values)
+        if values.ndim not in (1, 2) or values.shape[0] != self.num_points:
+            raise ValueError(
+                f"values must have shape ({self.num_points},) or ({self.num_points}, C), "
+                f"got {values.shape}"
+            )
+        flat = values.reshape(self.num_points, -1)
+        out = np.full((flat.shape[1],) + self.shape, fill, dtype=np.float32)
+        occ = self.cell_to_point >= 0
+        out[:, occ] = flat[self.cell_to_point[occ]].T
+        return out[0] if values.ndim == 1 else out
+
+    def gather(self, grid: np.ndarray) -> np.ndarray:
+        """Read every point's own cell: the inverse of ``image`` for per-cell predictions.
+
+        Args:
+            grid: (rows, cols) or (C, rows, cols) per-cell values.
+
+        Returns:
+            (N,) or (N, C), dtype of ``grid``. Every point reads its cell, including points that
+            lost the cell to a nearer one and out-of-FOV points (clipped rows); invalid points
+            read their placeholder cell, so mask them with ``valid``.
+        """
+        grid = np.asarray(grid)
+        if grid.shape[-2:] != self.shape or grid.ndim not in (2, 3):
+            raise ValueError(
+                f"grid must have shape {self.shape} or (C, {self.shape[0]}, {self.shape[1]}), "
+                f"got {grid.shape}"
+            )
+        picked = grid[..., self.rows, self.cols]
+        return picked if grid.ndim == 2 else picked.T
+
+
+def range_projection(points: np.ndarray, cfg: RangeImageConfig) -> RangeProjection:
+    """Spherical projection of a spinning-LiDAR scan (RangeNet++ conventions).
+
+    yaw = atan2(y, x), pitch = asin(z / range);
+    col = floor(0.5 (1 - yaw / pi) cols), row = floor((1 - (pitch - fov_down) / fov) rows),
+    both clipped into the image. Each cell keeps its nearest valid point, compared on the float32
+    ranges returned (ties: lowest index); points outside the vertical FOV compete for the clipped
+    first / last row, as in RangeNet++.
+
+    Args:
+        points: (N, 3) or (N, 4) points in the LiDAR frame, metres.
+        cfg: image size and vertical field of view.
+
+    Returns:
+        A ``RangeProjection``.
+
+    Raises:
+        ConfigError: ``cfg`` is invalid (non-positive size, fov_up <= fov_down).
+    """
+    cfg.validate()  # a zero-size image or an inverted FOV would otherwise fail obscurely below
+    xyz = _as_points(points)
+    n_rows, n_cols = int(cfg.rows), int(cfg.cols)
+    rng = np.sqrt(np.einsum("ij,ij->i", xyz, xyz))
+    valid = np.isfinite(rng) & (rng > 0)
+
+    # Placeholders for invalid points keep every index in bounds without branching later.
+    safe = np.where(valid[:, None], xyz, [1.0, 0.0, 0.0])
+    safe_rng = np.where(valid, rng, 1.0)
+    yaw = np.arctan2(safe[:, 1], safe[:, 0])
+    pitch = np.arcsin(np.clip(safe[:, 2] / safe_rng, -1.0, 1.0))
+    fov_up, fov_down = cfg.fov_up, cfg.fov_down
+
+    col = np.floor(0.5 * (1.0 - yaw / np.pi) * n_cols)
+    row = np.floor((1.0 - (pitch - fov_down) / (fov_up - fov_down)) * n_rows)
+    cols = np.clip(col, 0, n_cols - 1).astype(np.int32)
+    rows = np.clip(row, 0, n_rows - 1).astype(np.int32)
+    in_fov = valid & (pitch >= fov_down) & (pitch <= fov_up)
+
+    # Nearest point per cell, deterministically: sort by (cell, range, index) and keep each
+    # cell's first entry (fancy assignment with repeated indices has no defined winner). One
+    # stable sort of a packed uint64 key replaces a lexsort at a sixth of the cost on real scans
+    # (2 ms vs 12 ms for 120k points): cell in the high word, the float32 range's bit pattern in
+    # the low word (it orders like the value for non-negative floats), index order from
+    # stability. "Nearest" is thereby judged on the float32 ranges this function returns.
+    range32 = rng.astype(np.float32)
+    idx = np.flatnonzero(valid)
+    cell = (rows[idx].astype(np.uint64) * np.uint64(n_cols) + cols[idx].astype(np.uint64))
+    key = (cell << np.uint64(32)) | range32[idx].view(np.uint32).astype(np.uint64)
+    order = np.argsort(key, kind="stable")
+    cell_sorted = cell[order]
+    first = np.ones(cell_sorted.shape[0], dtype=bool)
+    first[1:] = cell_sorted[1:] != cell_sorted[:-1]
+    cell_to_point = np.full(n_rows * n_cols, -1, dtype=np.int32)
+    cell_to_point[cell_sorted[first]] = idx[order[first]]
+
+    return RangeProjection(
+        rows=rows,
+        cols=cols,
+        range=range32,
+        in_fov=in_fov,
+        valid=valid,
+        cell_to_point=cell_to_point.reshape(n_rows, n_cols),
+    )
+
+
+def range_image_channels(
+    points: np.ndarray, proj: RangeProjection, fill: float = 0.0
+) -> np.ndarray:
+    """The network input channels range, x, y, z, intensity of the winning points.
+
+    Args:
+        points: (N, 4) x, y, z (metres) and intensity, the cloud ``proj`` was computed from.
+        proj: its ``range_projection``.
+        fill: value of empty cells in every channel.
+
+    Returns:
+        (5, rows, cols) float32.
+    """
+    pts = np.asarray(points)
+    if pts.ndim != 2 or pts.shape[1] != 4 or pts.shape[0] != proj.num_points:
+        raise ValueError(f"points must have shape ({proj.num_points}, 4), got {pts.shape}")
+    values = np.concatenate([proj.range[:, None], pts.astype(np.float32, copy=False)], axis=1)
+    return proj.image(values, fill=fill)

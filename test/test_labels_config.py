@@ -4,7 +4,7 @@ import yaml
 
 from pl3d_ros.config import Config, ConfigError
 from pl3d_ros.labels import ClassSetError, available_class_sets, load_class_set
-from conftest import KITTI_ROOT
+from conftest import kitti_sequence_dir
 
 
 def test_shipped_class_sets():
@@ -18,9 +18,7 @@ def test_shipped_class_sets():
 
 
 def test_semantickitti19_matches_the_dataset_learning_map():
-    path = KITTI_ROOT / "semantic-kitti.yaml"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
+    path = kitti_sequence_dir("00").parents[1] / "semantic-kitti.yaml"
     spec = yaml.safe_load(path.read_text())
     cs = load_class_set("semantickitti19")
     raw = np.array(sorted(spec["learning_map"]), np.uint32)

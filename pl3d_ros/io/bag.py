@@ -236,7 +236,11 @@ class BagReader:
             reader = AnyReader([self.path], default_typestore=typestore(self.distro))
             reader.open()
         except Exception as exc:  # rosbags raises several types for broken files
-            raise BagError(f"cannot open bag {self.path}: {type(exc).__name__}: {exc}") from exc
+            hint = ""
+            if "magic" in str(exc):
+                hint = (" (an MCAP file without its footer: the recording was interrupted; "
+                        "`mcap recover` or `ros2 bag reindex` can rebuild it)")
+            raise BagError(f"cannot open bag {self.path}: {type(exc).__name__}: {exc}{hint}") from exc
         return reader
 
     def topic_table(self) -> dict[str, dict[str, Any]]:

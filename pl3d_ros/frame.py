@@ -124,8 +124,8 @@ class CameraModel:
     def resized(self, width: int, height: int) -> CameraModel:
         """The same camera for an image resized to ``width`` x ``height`` pixels.
 
-        Pixel-edge convention: pixel centres sit at integer + 0.5 in continuous coordinates, so
-        the principal point scales as (c + 0.5) * s - 0.5.
+        Pixel convention (OpenCV, ROS): pixel (0, 0)'s centre is at (0, 0) and its outer edge at
+        -0.5, so the principal point scales as (c + 0.5) * s - 0.5, keeping image edges aligned.
         """
         sx, sy = width / self.width, height / self.height
         K = self.K.copy()

@@ -243,17 +243,14 @@ class BagReader:
             raise BagError(f"cannot open bag {self.path}: {type(exc).__name__}: {exc}{hint}") from exc
         return reader
 
-    def topic_table(self) -> dict[str, dict[str, Any]]:
+    @staticmethod
+    def _topic_counts(reader) -> dict[str, dict[str, Any]]:
         """{topic: {"type", "count"}} from the bag's index, without reading messages."""
-        reader = self._open()
-        try:
-            table: dict[str, dict[str, Any]] = {}
-            for conn in reader.connections:
-                entry = table.setdefault(conn.topic, {"type": conn.msgtype, "count": 0})
-                entry["count"] += conn.msgcount
-            return table
-        finally:
-            reader.close()
+        table: dict[str, dict[str, Any]] = {}
+        for conn in reader.connections:
+            entry = table.setdefault(conn.topic, {"type": conn.msgtype, "count": 0})
+            entry["count"] += conn.msgcount
+        return table
 
     def _resolve_topics(self, reader) -> BagTopics:
         by_type: dict[str, set[str]] = {}
@@ -437,10 +434,7 @@ class BagReader:
         self.stats = SyncStats()
         reader = self._open()
         try:
-            table: dict[str, dict[str, Any]] = {}
-            for conn in reader.connections:
-                entry = table.setdefault(conn.topic, {"type": conn.msgtype, "count": 0})
-                entry["count"] += conn.msgcount
+            table = self._topic_counts(reader)
             times: dict[str, list[int]] = {topic: [] for topic in table}
             for conn, t, _ in self._iter(reader, reader.connections):
                 times[conn.topic].append(t)  # log times: no deserialisation needed

@@ -70,9 +70,10 @@ def cmd_bag_info(args: argparse.Namespace) -> int:
     else:
         print(f"sync:      impossible: {info['sync_error']}")
     st = info["stats"]
-    print(f"synced frames: {info['synced_frames']}  (skipped {st['skipped']}: "
-          + ", ".join(f"{k} {st[k]}" for k in ("no_image", "no_camera_info", "out_of_order",
-                                                 "duplicate", "undecodable") if st[k]) + ")")
+    reasons = ", ".join(f"{k} {st[k]}" for k in ("no_image", "no_camera_info", "out_of_order",
+                                                  "duplicate", "undecodable") if st[k])
+    print(f"synced frames: {info['synced_frames']}, skipped {st['skipped']}"
+          + (f" ({reasons})" if reasons else ""))
     if st["truncated"]:
         print(f"WARNING: bag ended early: {st['error']}")
     return 0

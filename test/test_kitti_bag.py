@@ -36,7 +36,7 @@ def test_cli_kitti2bag_then_bag_info_json(kitti00, tmp_path, capsys):
     assert info["topics"]["/tf_static"]["count"] == 1
     assert info["stats"]["skipped"] == 0 and not info["stats"]["truncated"]
     assert main(["bag-info", str(out)]) == 0
-    assert "synced frames: 10" in capsys.readouterr().out
+    assert "synced frames: 10, skipped 0" in capsys.readouterr().out
     # an existing output is refused rather than overwritten
     assert main(["kitti2bag", str(kitti00), "-o", str(out)]) == 1
 

@@ -33,6 +33,12 @@ setup(
         "pillow>=9.0",
         "rosbags>=0.10.4",
         "tqdm>=4.60",
+        # The PyPI torch build (CUDA-enabled; runs on CPU where there is no GPU). torchvision,
+        # which segment-anything needs, only works with this build, not a local CPU-only wheel.
+        "torch>=2.1",
+        "onnx>=1.15",
+        "onnxruntime>=1.17",
+        "safetensors>=0.4",
         "setuptools",
     ],
     extras_require={

@@ -71,6 +71,54 @@ class SyncConfig:
             raise ConfigError(f"sync.queue_size must be positive, got {self.queue_size}")
 
 
+#: Network sizes. "cpu" meets the 2-core latency budget; "gpu" is for TensorRT on a desktop GPU
+#: or a Jetson Orin. Image input sizes keep KITTI's ~3.3:1 aspect (other cameras are cropped).
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {"image_width": 640, "image_height": 192, "image_widths": [16, 32, 64, 128],
+            "range_widths": [16, 32, 64, 128]},
+    "gpu": {"image_width": 1216, "image_height": 352, "image_widths": [32, 64, 128, 256, 256],
+            "range_widths": [32, 64, 128, 256, 256]},
+}
+
+
+@dataclass
+class ModelConfig:
+    """Two-stream network shape. The image is resized and centre-cropped to image_width x
+    image_height (pixels) before the image branch; widths are channels per U-Net stage."""
+
+    preset: str = "cpu"
+    image_width: int = 640
+    image_height: int = 192
+    image_widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    range_widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+
+    @classmethod
+    def from_preset(cls, name: str) -> ModelConfig:
+        if name not in MODEL_PRESETS:
+            raise ConfigError(f"unknown model preset {name!r}; choose from {sorted(MODEL_PRESETS)}")
+        return cls(preset=name, **MODEL_PRESETS[name])
+
+    def validate(self) -> None:
+        for key in ("image_widths", "range_widths"):
+            widths = getattr(self, key)
+            if len(widths) < 2 or any(int(w) != w or w <= 0 for w in widths):
+                raise ConfigError(f"model.{key} needs >= 2 positive integers, got {widths}")
+        div = 2 ** (len(self.image_widths) - 1)
+        if self.image_width % div or self.image_height % div:
+            raise ConfigError(
+                f"model.image_width/height ({self.image_width}x{self.image_height}) must be "
+                f"divisible by {div} for {len(self.image_widths)} U-Net stages"
+            )
+
+    def check_sensor(self, sensor: RangeImageConfig) -> None:
+        div = 2 ** (len(self.range_widths) - 1)
+        if sensor.rows % div or sensor.cols % div:
+            raise ConfigError(
+                f"sensor.rows/cols ({sensor.rows}x{sensor.cols}) must be divisible by {div} "
+                f"for {len(self.range_widths)} range U-Net stages"
+            )
+
+
 @dataclass
 class Config:
     """The root of the settings tree."""
@@ -78,6 +126,7 @@ class Config:
     class_set: str = "xmuda10"
     sensor: RangeImageConfig = field(default_factory=RangeImageConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
 
     def validate(self) -> Config:
         from pl3d_ros.labels import available_class_sets
@@ -90,6 +139,7 @@ class Config:
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 value.validate()
+        self.model.check_sensor(self.sensor)
         return self
 
     # -- YAML and ROS parameter mapping -------------------------------------------------------

@@ -224,7 +224,7 @@ def test_valid_radius_is_cached_by_calibration():
 
 
 def test_known_points_land_in_known_cells():
-    cfg = RangeImageConfig()  # 64 x 2048, +3 / -25 degrees
+    cfg = RangeImageConfig(cols=2048)  # 64 x 2048, +3 / -25 degrees
     pts = np.array(
         [
             [10.0, 0.0, 0.0],  # straight ahead, pitch 0

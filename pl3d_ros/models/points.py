@@ -1,0 +1,52 @@
+"""From dense branch outputs to per-point values, and the 2D/3D fusion (METHODS.md section 0).
+
+These run in torch for every backend (a runtime's numpy outputs are wrapped with
+``torch.from_numpy``, no copy), so training, adaptation and inference share one implementation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gather_cells(grid: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Per-point values of a range-image grid.
+
+    grid: (1, C, H, W); rows, cols: (N,) int64 cell of each point -> (N, C).
+    """
+    return grid[0][:, rows, cols].transpose(0, 1)
+
+
+def sample_pixels(grid: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
+    """Bilinear sample of an image grid at continuous pixel coordinates.
+
+    grid: (1, C, H, W); uv: (M, 2) pixels of the grid's own resolution, pixel (0, 0)'s centre at
+    (0, 0) -> (M, C). Samples beyond the outer pixel centres clamp to the border.
+    """
+    _, _, h, w = grid.shape
+    norm = torch.empty_like(uv, dtype=grid.dtype)
+    norm[:, 0] = (uv[:, 0] + 0.5) * (2.0 / w) - 1.0  # align_corners=False convention
+    norm[:, 1] = (uv[:, 1] + 0.5) * (2.0 / h) - 1.0
+    out = F.grid_sample(grid, norm.view(1, 1, -1, 2), mode="bilinear", padding_mode="border",
+                        align_corners=False)
+    return out[0, :, 0].transpose(0, 1)
+
+
+def entropy(p: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """(..., C) probabilities -> (...,) Shannon entropy in nats."""
+    return -(p * torch.log(p.clamp_min(eps))).sum(-1)
+
+
+def fuse(prob_2d: torch.Tensor, prob_3d: torch.Tensor, in_view: torch.Tensor) -> torch.Tensor:
+    """Entropy-weighted fusion of the branches (Latte): (M, C), (N, C), (N,) bool -> (N, C).
+
+    In view, each branch is weighted by exp(-entropy) and the weights normalised; out of view the
+    3D branch stands alone.
+    """
+    fused = prob_3d.clone()
+    p3 = prob_3d[in_view]
+    w2 = torch.exp(-entropy(prob_2d))
+    w3 = torch.exp(-entropy(p3))
+    fused[in_view] = (w2[:, None] * prob_2d + w3[:, None] * p3) / (w2 + w3)[:, None]
+    return fused

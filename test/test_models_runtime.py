@@ -1,0 +1,162 @@
+"""Two-stream model, checkpoints, ONNX export parity and atomic weight swaps (CPU)."""
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from pl3d_ros.config import ModelConfig, RangeImageConfig
+from pl3d_ros.labels import load_class_set
+from pl3d_ros.models.checkpoint import (CheckpointError, CheckpointHeader, load_checkpoint,
+                                        read_header, save_checkpoint)
+from pl3d_ros.models.points import fuse, gather_cells, sample_pixels
+from pl3d_ros.models.two_stream import build_model
+from pl3d_ros.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from pl3d_ros.runtime.torch_backend import TorchBackend
+
+SMALL = ModelConfig(preset="test", image_width=64, image_height=32, image_widths=[4, 8, 8],
+                    range_widths=[4, 8, 8])
+SENSOR = RangeImageConfig(rows=16, cols=64)
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    model = build_model(SMALL, 10)
+    # non-trivial BatchNorm statistics, so export folding is actually exercised
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def header():
+    return CheckpointHeader(SMALL, load_class_set("xmuda10"), SENSOR, {"note": "test"})
+
+
+def inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rng = torch.rand(1, 5, SENSOR.rows, SENSOR.cols, generator=g) * 20
+    rng[:, :, :, ::7] = 0  # empty cells
+    return {"image": torch.rand(1, 3, 32, 64, generator=g).numpy(), "range_image": rng.numpy()}
+
+
+def test_branch_output_shapes():
+    model = small_model()
+    x = inputs()
+    l2, l3, f2, f3 = model.forward_features(torch.from_numpy(x["image"]), torch.from_numpy(x["range_image"]))
+    assert l2.shape == (1, 10, 32, 64) and l3.shape == (1, 10, 16, 64)
+    assert f2.shape == (1, 4, 32, 64) and f3.shape == (1, 4, 16, 64)
+
+
+def test_sample_pixels_is_bilinear_in_pixel_coordinates():
+    grid = torch.arange(12, dtype=torch.float32).view(1, 1, 3, 4)  # value = 4 * row + col
+    uv = torch.tensor([[0.0, 0.0], [1.5, 0.0], [2.0, 1.25], [3.0, 2.0]])
+    np.testing.assert_allclose(sample_pixels(grid, uv)[:, 0].numpy(), [0.0, 1.5, 7.0, 11.0], atol=1e-6)
+    cells = gather_cells(grid, torch.tensor([2, 0]), torch.tensor([1, 3]))
+    assert cells[:, 0].tolist() == [9.0, 3.0]
+
+
+def test_fusion_weights_by_negative_entropy():
+    p2 = torch.tensor([[0.9, 0.1]])
+    p3 = torch.tensor([[0.5, 0.5], [0.2, 0.8]])
+    in_view = torch.tensor([True, False])
+    out = fuse(p2, p3, in_view)
+    h2 = -(0.9 * np.log(0.9) + 0.1 * np.log(0.1))
+    h3 = np.log(2.0)
+    w2, w3 = np.exp(-h2), np.exp(-h3)
+    expected = (w2 * 0.9 + w3 * 0.5) / (w2 + w3)
+    assert out[0, 0].item() == pytest.approx(expected, abs=1e-6)
+    assert out[1].tolist() == pytest.approx([0.2, 0.8])  # out of view: the 3D branch alone
+    assert torch.allclose(out.sum(1), torch.ones(2))
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path):
+    model = small_model()
+    path = save_checkpoint(tmp_path / "m.safetensors", model, header())
+    loaded, h = load_checkpoint(path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert h.class_set.name == "xmuda10" and h.training == {"note": "test"}
+    assert h.input_shapes == {"image": [1, 3, 32, 64], "range_image": [1, 5, 16, 64]}
+    with pytest.raises(CheckpointError, match="class set 'xmuda10'.*'semantickitti19'"):
+        load_checkpoint(path, class_set="semantickitti19")
+    with pytest.raises(CheckpointError, match="expects range images"):
+        load_checkpoint(path, sensor=RangeImageConfig())
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        read_header(corrupt)
+
+
+def test_checkpoint_whose_weights_do_not_fit_its_header(tmp_path):
+    from safetensors.torch import save_file
+
+    h = header().to_dict()
+    h["model"]["range_widths"] = [4, 8, 16]  # the header claims another architecture
+    state = {k: v.contiguous() for k, v in small_model().state_dict().items()}
+    path = tmp_path / "bad.safetensors"
+    save_file(state, str(path), metadata={"pl3d": json.dumps(h)})
+    with pytest.raises(CheckpointError, match="input spec|do not fit"):
+        load_checkpoint(path)
+    h["input"]["range_image"] = [1, 5, 16, 64]
+    save_file(state, str(path), metadata={"pl3d": json.dumps(h)})
+    with pytest.raises(CheckpointError, match="do not fit the architecture"):
+        load_checkpoint(path)
+
+
+def test_onnxruntime_matches_torch():
+    model = small_model()
+    x = inputs()
+    ref = TorchBackend(model, header().input_shapes, device="cpu").run(x)
+    out = OnnxRuntimeBackend(model, header(), providers=["CPUExecutionProvider"]).run(x)
+    for name in ("logits_2d", "logits_3d"):
+        assert np.abs(out[name] - ref[name]).max() < 1e-3, name
+        agree = (out[name].argmax(1) == ref[name].argmax(1)).mean()
+        assert agree >= 0.999, (name, agree)
+
+
+@pytest.mark.parametrize("backend_cls", [TorchBackend, OnnxRuntimeBackend])
+def test_swap_under_concurrent_runs_never_mixes_weights(backend_cls):
+    model_a, model_b = small_model(0), small_model(1)
+    x = inputs()
+    ref_a = TorchBackend(model_a, header().input_shapes, device="cpu").run(x)
+    ref_b = TorchBackend(model_b, header().input_shapes, device="cpu").run(x)
+    backend = (TorchBackend(model_a, header().input_shapes, device="cpu") if backend_cls is TorchBackend
+               else OnnxRuntimeBackend(model_a, header(), providers=["CPUExecutionProvider"]))
+    seen, errors, stop = [], [], threading.Event()
+
+    def which(out):
+        tags = []
+        for name in ("logits_2d", "logits_3d"):
+            da = np.abs(out[name] - ref_a[name]).max()
+            db = np.abs(out[name] - ref_b[name]).max()
+            tags.append("a" if da < 1e-3 else "b" if db < 1e-3 else "?")
+        return "".join(tags)
+
+    def hammer():
+        try:
+            while not stop.is_set():
+                seen.append(which(backend.run(x)))
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    thread = threading.Thread(target=hammer)
+    thread.start()
+    for state in (model_b, model_a, model_b, model_a, model_b):
+        backend.swap_weights(state.state_dict())
+        n = len(seen)
+        for _ in range(1000):  # let the hammer finish runs on these weights before the next swap
+            if len(seen) >= n + 2 or errors:
+                break
+            threading.Event().wait(0.005)
+    stop.set()
+    thread.join(timeout=30)
+    assert not errors and not thread.is_alive()
+    assert set(seen) == {"aa", "bb"}, set(seen)  # every run: both branches from one version
+    assert backend.swaps == 5 and backend.last_swap_ms > 0
+    assert which(backend.run(x)) == "bb"

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
@@ -816,19 +816,20 @@ def make_tf_message(factory: MessageFactory,
 # Message construction: one set of builders for rosbags and rclpy
 # --------------------------------------------------------------------------------------------------
 
-@runtime_checkable
-class MessageFactory(Protocol):
-    """The message classes and array hooks the builders need.
+@dataclass(frozen=True)
+class MessageFactory:
+    """The message classes the builders instantiate, and two array hooks.
 
     Builders call the classes with keyword arguments for every field (rosbags requires all of
     them; rclpy accepts them) and pass only Python int / bool / str scalars, since rclpy's setters
     assert ``isinstance(value, int)``, which numpy integers fail.
 
-    Note for the rclpy implementation (node.py): rclpy's uint8[] setter takes an
+    The default hooks return numpy arrays, which is what rosbags wants (``rosbags_factory``).
+    For rclpy (node.py), subclass and override ``bytes_field``: rclpy's uint8[] setter takes an
     ``array.array('B')`` as is but checks a bytes / list / numpy value element by element, ~100x
-    slower for a cloud; make ``bytes_field`` return ``array.array('B', memoryview(data))`` (or
-    ``a = array.array('B'); a.frombytes(data)``). rclpy's fixed-size float64[9]/[12] fields take
-    numpy float64 arrays directly and ``d`` (float64[]) takes ``array.array('d', values)``.
+    slower for a cloud; return ``array.array('B', memoryview(data))``. rclpy's fixed-size
+    float64[9]/[12] fields take numpy float64 arrays directly and ``d`` (float64[]) takes
+    ``array.array('d', values)``.
     """
 
     Header: Any
@@ -846,42 +847,18 @@ class MessageFactory(Protocol):
     Quaternion: Any
 
     def bytes_field(self, data: np.ndarray) -> Any:
-        """Convert 1-D uint8 numpy data to the library's uint8[] value."""
-        ...
-
-    def float_array(self, values: np.ndarray) -> Any:
-        """Convert 1-D float64 numpy values to the library's float64[] / float64[N] value."""
-        ...
-
-
-@dataclass(frozen=True)
-class RosbagsFactory:
-    """MessageFactory over a rosbags typestore (e.g. ``get_typestore(Stores.ROS2_HUMBLE)``)."""
-
-    Header: Any
-    Time: Any
-    PointCloud2: Any
-    PointField: Any
-    Image: Any
-    CameraInfo: Any
-    RegionOfInterest: Any
-    TFMessage: Any
-    TransformStamped: Any
-    Transform: Any
-    Vector3: Any
-    Quaternion: Any
-
-    def bytes_field(self, data: np.ndarray) -> np.ndarray:
+        """1-D uint8 numpy data -> the library's uint8[] value."""
         return np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
 
-    def float_array(self, values: np.ndarray) -> np.ndarray:
+    def float_array(self, values: np.ndarray) -> Any:
+        """1-D float64 numpy values -> the library's float64[] / float64[N] value."""
         return np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
 
 
-def rosbags_factory(typestore: Any) -> RosbagsFactory:
+def rosbags_factory(typestore: Any) -> MessageFactory:
     """A :class:`MessageFactory` of a rosbags typestore's message classes."""
     t = typestore.types
-    return RosbagsFactory(
+    return MessageFactory(
         Header=t["std_msgs/msg/Header"],
         Time=t["builtin_interfaces/msg/Time"],
         PointCloud2=t["sensor_msgs/msg/PointCloud2"],

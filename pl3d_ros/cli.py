@@ -79,6 +79,16 @@ def cmd_bag_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pl3d_ros.models.checkpoint import load_checkpoint
+    from pl3d_ros.runtime.export import write_export
+
+    model, header = load_checkpoint(args.checkpoint)
+    onnx_path, json_path = write_export(model, header, args.output)
+    print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB) and {json_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pl3d",
@@ -123,6 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--camera-info-topic", default="/camera/camera_info")
     p.add_argument("--cloud-topic", default="/lidar/points")
     p.set_defaults(func=cmd_bag_info)
+
+    p = sub.add_parser(
+        "export", help="export a checkpoint to ONNX (+ JSON sidecar)",
+        description="Write DIR/model.onnx (opset 17, static shapes, both branches in one graph) "
+                    "and DIR/model.json (inputs, outputs, classes, ONNX sha256, checkpoint header).",
+    )
+    p.add_argument("checkpoint", help="a pl3d_ros .safetensors checkpoint")
+    p.add_argument("-o", "--output", required=True, help="folder to write into")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
@@ -137,10 +156,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pl3d_ros.frame import FrameError
     from pl3d_ros.io.bag import BagError
     from pl3d_ros.io.kitti import KittiError
+    from pl3d_ros.models.checkpoint import CheckpointError
 
     try:
         return args.func(args)
-    except (BagError, KittiError, FrameError, FileNotFoundError) as exc:
+    except (BagError, KittiError, FrameError, CheckpointError, FileNotFoundError) as exc:
         print(f"pl3d {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -160,3 +160,21 @@ def test_swap_under_concurrent_runs_never_mixes_weights(backend_cls):
     assert set(seen) == {"aa", "bb"}, set(seen)  # every run: both branches from one version
     assert backend.swaps == 5 and backend.last_swap_ms > 0
     assert which(backend.run(x)) == "bb"
+
+
+def test_cli_export_writes_onnx_and_sidecar(tmp_path, capsys):
+    import onnxruntime as ort
+
+    from pl3d_ros.cli import main
+
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", small_model(), header())
+    assert main(["export", str(ckpt), "-o", str(tmp_path / "out")]) == 0
+    side = json.loads((tmp_path / "out" / "model.json").read_text())
+    assert side["inputs"]["range_image"]["shape"] == [1, 5, 16, 64]
+    assert side["outputs"]["logits_2d"]["shape"] == [1, 10, 32, 64] and side["classes"][0] == "car"
+    sess = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["image", "range_image"]
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["export", str(bad), "-o", str(tmp_path / "x")]) == 1
+    assert "not a readable safetensors" in capsys.readouterr().err

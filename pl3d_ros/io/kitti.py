@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from pl3d_ros.frame import CameraModel, Frame, FrameError
+from pl3d_ros.transforms import invert
 
 log = logging.getLogger(__name__)
 
@@ -143,14 +144,19 @@ class KittiSequence:
     def camera(self, width: int, height: int) -> CameraModel:
         return camera_from_calib(self._calib, width, height)
 
-    def frame(self, i: int, start_ns: int = DEFAULT_START_NS) -> Frame:
-        """Frame i with ground-truth labels when the sequence has them."""
+    def read(self, i: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """Points (N, 4), labels (N,) or None, and image of frame i, as stored (nothing dropped)."""
         points, labels, image = self.read_points(i), self.read_labels(i), self.read_image(i)
         if labels is not None and labels.shape[0] != points.shape[0]:
             raise KittiError(
                 f"{self.root}: scan {self._ids[i]} has {points.shape[0]} points but "
                 f"{labels.shape[0]} labels"
             )
+        return points, labels, image
+
+    def frame(self, i: int, start_ns: int = DEFAULT_START_NS) -> Frame:
+        """Frame i with ground-truth labels when the sequence has them."""
+        points, labels, image = self.read(i)
         camera = self.camera(image.shape[1], image.shape[0])
         return Frame(self.stamp_ns(i, start_ns), points, image, camera, labels, seq=i,
                      lidar_frame_id=LIDAR_FRAME)
@@ -185,14 +191,12 @@ def sequence_to_bag(
     n = len(seq) if max_frames is None else min(len(seq), max_frames)
     with bagio.BagWriter(out, storage=storage, distro=distro) as writer:
         for i in range(n):
-            points, labels, image = seq.read_points(i), seq.read_labels(i), seq.read_image(i)
-            if labels is not None and labels.shape[0] != points.shape[0]:
-                raise KittiError(f"scan {seq.frame_ids[i]}: {points.shape[0]} points, {labels.shape[0]} labels")
+            points, labels, image = seq.read(i)  # raw, so the bag reproduces the files exactly
             stamp = seq.stamp_ns(i, start_ns)
             camera = seq.camera(image.shape[1], image.shape[0])
             if i == 0:
                 writer.write_static_transform(stamp, LIDAR_FRAME, CAMERA_FRAME,
-                                              np.linalg.inv(camera.T_cam_lidar))
+                                              invert(camera.T_cam_lidar))
             extra = {"label": labels} if labels is not None else {}
             writer.write_frame(stamp, points, image, camera, LIDAR_FRAME, CAMERA_FRAME, extra)
             if progress:

@@ -13,6 +13,7 @@ sees either all old or all new weights, never a mix, and never waits for a swap 
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -55,6 +56,12 @@ class Backend(ABC):
     @abstractmethod
     def _build_engine(self, state_dict: dict[str, torch.Tensor]) -> Any:
         """A complete new engine carrying ``state_dict`` (runs off the hot path)."""
+
+    def _template_with(self, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """A fresh copy of the subclass's CPU ``_template`` module carrying ``state_dict`` (strict)."""
+        model = copy.deepcopy(self._template)
+        model.load_state_dict(state_dict, strict=True)
+        return model.eval()
 
     def swap_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Replace the weights atomically (see module docstring)."""

@@ -49,9 +49,7 @@ class OnnxRuntimeBackend(Backend):
         return ort.InferenceSession(onnx_bytes, opts, providers=self.providers)
 
     def _build_engine(self, state_dict: dict[str, torch.Tensor]):
-        model = copy.deepcopy(self._template)
-        model.load_state_dict(state_dict, strict=True)
-        return self._session(export_onnx(model, self.header))
+        return self._session(export_onnx(self._template_with(state_dict), self.header))
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.check_inputs(inputs)

@@ -24,9 +24,7 @@ class TorchBackend(Backend):
         self._engine = copy.deepcopy(self._template).to(self.device)
 
     def _build_engine(self, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
-        model = copy.deepcopy(self._template)
-        model.load_state_dict(state_dict, strict=True)
-        return model.to(self.device).eval()
+        return self._template_with(state_dict).to(self.device)
 
     @torch.inference_mode()
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -120,6 +120,139 @@ class ModelConfig:
 
 
 @dataclass
+class PseudoLabelConfig:
+    """Base pseudo-labels (METHODS.md section 0): class-wise thresholds over a running window."""
+
+    confidence_cap: float = 0.9  # keep class c if confidence >= min(median_c, cap)
+    median_window_frames: int = 50
+
+    def validate(self) -> None:
+        _check_range("pseudo_labels.confidence_cap", self.confidence_cap, 0.0, 1.0)
+        _check_positive("pseudo_labels.median_window_frames", self.median_window_frames)
+
+
+@dataclass
+class RefineConfig:
+    """SAM-guided refinement (METHODS.md section 1): masks, MLA, GAPP."""
+
+    mask_provider: str = "auto"  # auto (sam/mobile_sam if a checkpoint is set, else superpixel)
+    sam_checkpoint: str = ""  # path to a segment-anything / MobileSAM checkpoint
+    sam_model_type: str = "vit_b"  # vit_b | vit_l | vit_h (sam) or vit_t (mobile_sam)
+    sam_every_k_frames: int = 5  # SAM is slow: refine every k-th frame
+    sam_points_per_side: int = 16
+    superpixel_scale: float = 200.0  # Felzenszwalb parameters
+    superpixel_sigma: float = 0.8
+    superpixel_min_size: int = 200
+    mla_min_points: int = 10  # |P_k|
+    mla_min_labeled: int = 3  # |L_k|
+    mla_purity: float = 0.8
+    mla_representativity: float = 0.2  # |L_k| / |P_k|
+    mla_max_area: float = 0.25  # share of the image a kept mask may cover
+    gapp_max_rounds: int = 10
+    gapp_radius_m: float = 0.3  # r = max(radius_m, radius_beams * range * vertical resolution)
+    gapp_radius_beams: float = 3.0
+    gapp_depth_abs_m: float = 0.5  # depth gate = max(abs, rel * depth)
+    gapp_depth_rel: float = 0.05
+    protect_confident: bool = True  # never overwrite a point's own confident pseudo-label
+
+    def validate(self) -> None:
+        if self.mask_provider not in ("auto", "sam", "mobile_sam", "superpixel"):
+            raise ConfigError(f"refine.mask_provider must be auto, sam, mobile_sam or superpixel, "
+                              f"got {self.mask_provider!r}")
+        for name in ("sam_every_k_frames", "sam_points_per_side", "superpixel_min_size",
+                     "gapp_max_rounds", "mla_min_points", "mla_min_labeled"):
+            _check_positive(f"refine.{name}", getattr(self, name))
+        for name in ("mla_purity", "mla_representativity", "mla_max_area", "gapp_depth_rel"):
+            _check_range(f"refine.{name}", getattr(self, name), 0.0, 1.0)
+
+
+@dataclass
+class ConnectivityConfig:
+    """Connectivity noise filter (METHODS.md section 2)."""
+
+    buffer_frames: int = 50
+    min_components: int = 20  # fewer in the buffer: median rule instead of the mixture
+    clean_posterior: float = 0.5
+
+    def validate(self) -> None:
+        _check_positive("connectivity.buffer_frames", self.buffer_frames)
+        _check_positive("connectivity.min_components", self.min_components)
+        _check_range("connectivity.clean_posterior", self.clean_posterior, 0.0, 1.0)
+
+
+ADAPT_METHODS = ("source", "tent", "pl", "full")
+ADAPT_COMPONENTS = ("mla", "gapp", "connectivity", "negative", "erda", "xm", "restore")
+
+
+@dataclass
+class AdaptConfig:
+    """Online adaptation (METHODS.md sections 3-5) and the adaptation thread."""
+
+    method: str = "full"  # source | tent | pl | full
+    disable: list[str] = field(default_factory=list)  # components of full to switch off
+    trainable: str = "norm"  # norm (normalisation layers) | all
+    optimizer: str = "adam"  # adam | sgd
+    lr: float = 1e-4
+    steps_per_frame: int = 1  # lockstep mode: adaptation steps per frame
+    buffer_frames: int = 4  # bounded drop-oldest buffer between inference and adaptation
+    swap_every_steps: int = 5  # hand the teacher to the backend every m steps
+    teacher_momentum: float = 0.999
+    reliable_confidence: float = 0.9
+    reliable_variance: float = 0.05
+    negative_max_prob: float = 0.2
+    negative_rounds: int = 1
+    weight_negative: float = 0.1
+    weight_erda: float = 0.1
+    erda_tau: float = 1.0
+    erda_lambda: float = 1.0
+    prototype_momentum: float = 0.999
+    weight_xm: float = 0.1
+    restore_prob: float = 0.01
+    collapse_window: int = 20  # frames
+    collapse_max_class_share: float = 0.95
+    collapse_max_disagreement: float = 0.6  # with the frozen source model
+    checkpoint_every_steps: int = 100
+    checkpoint_path: str = ""  # empty: no periodic checkpoint
+    resume: str = "source"  # source | adapted (from checkpoint_path when it exists)
+
+    def validate(self) -> None:
+        if self.method not in ADAPT_METHODS:
+            raise ConfigError(f"adapt.method must be one of {ADAPT_METHODS}, got {self.method!r}")
+        unknown = sorted(set(self.disable) - set(ADAPT_COMPONENTS))
+        if unknown:
+            raise ConfigError(f"adapt.disable has unknown component(s) {unknown}; known: {ADAPT_COMPONENTS}")
+        if self.trainable not in ("norm", "all"):
+            raise ConfigError(f"adapt.trainable must be norm or all, got {self.trainable!r}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"adapt.optimizer must be adam or sgd, got {self.optimizer!r}")
+        if self.resume not in ("source", "adapted"):
+            raise ConfigError(f"adapt.resume must be source or adapted, got {self.resume!r}")
+        for name in ("steps_per_frame", "buffer_frames", "swap_every_steps", "negative_rounds",
+                     "collapse_window", "checkpoint_every_steps"):
+            _check_positive(f"adapt.{name}", getattr(self, name))
+        for name in ("teacher_momentum", "reliable_confidence", "reliable_variance",
+                     "negative_max_prob", "prototype_momentum", "restore_prob",
+                     "collapse_max_class_share", "collapse_max_disagreement"):
+            _check_range(f"adapt.{name}", getattr(self, name), 0.0, 1.0)
+        if self.lr <= 0 or self.erda_tau <= 0:
+            raise ConfigError("adapt.lr and adapt.erda_tau must be positive")
+
+    def enabled(self, component: str) -> bool:
+        """Whether a component of ``full`` is on (always False for the other methods)."""
+        return self.method == "full" and component not in self.disable
+
+
+def _check_positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be positive, got {value}")
+
+
+def _check_range(key: str, value: float, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        raise ConfigError(f"{key} must be in [{lo}, {hi}], got {value}")
+
+
+@dataclass
 class Config:
     """The root of the settings tree."""
 
@@ -127,6 +260,10 @@ class Config:
     sensor: RangeImageConfig = field(default_factory=RangeImageConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    pseudo_labels: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    connectivity: ConnectivityConfig = field(default_factory=ConnectivityConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
 
     def validate(self) -> Config:
         from pl3d_ros.labels import available_class_sets

@@ -89,6 +89,89 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _class_names(paths) -> str:
+    return ", ".join(str(p) for p in paths)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from pl3d_ros.config import ModelConfig, RangeImageConfig
+    from pl3d_ros.eval.evaluate import evaluate, write_report
+    from pl3d_ros.io.sources import load_frames
+    from pl3d_ros.labels import load_class_set
+    from pl3d_ros.pipeline import Segmenter
+    from pl3d_ros.runtime.torch_backend import TorchBackend
+    from pl3d_ros.train.augment import AugmentConfig
+    from pl3d_ros.train.trainer import TrainConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    class_set = load_class_set(args.class_set)
+    frames = load_frames(args.data, require_labels=True)
+    val_frames = load_frames(args.val, require_labels=True) if args.val else []
+    print(f"training on {len(frames)} frames from {_class_names(args.data)}"
+          + (f"; validating on {len(val_frames)} frames from {_class_names(args.val)}" if val_frames else ""))
+    model_cfg = ModelConfig.from_preset(args.preset)
+    sensor = RangeImageConfig()
+
+    def validate(model, header):
+        seg = Segmenter(TorchBackend(model, header.input_shapes), header)
+        return evaluate(seg.infer, val_frames, class_set).summary(class_set.names)["miou"]
+
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      val_every=args.val_every, time_limit_min=args.time_limit,
+                      augment=AugmentConfig.none() if args.no_augment else AugmentConfig())
+    summary = {"inputs": [str(p) for p in args.data], "frames": len(frames), "class_set": class_set.name}
+    result = train(frames, args.out, class_set, model_cfg, sensor, cfg,
+                   validate=validate if val_frames else None, data_summary=summary,
+                   resume=args.resume, device=args.device)
+    print(f"wrote {args.out} after {result['history'][-1]['epoch']} epochs "
+          f"({result['history'][-1]['elapsed_s']:.0f} s on {result['device']})")
+    if val_frames:
+        from pl3d_ros.models.checkpoint import load_checkpoint
+
+        model, header = load_checkpoint(args.out)
+        seg = Segmenter(TorchBackend(model, header.input_shapes), header)
+        scores = evaluate(seg.infer, val_frames, class_set).summary(class_set.names)
+        report = Path(args.report or Path(args.out).with_suffix("").as_posix() + "_report")
+        write_report(scores, class_set, report, {"checkpoint": str(args.out), "training": result})
+        from pl3d_ros.eval.metrics import format_table
+
+        print(format_table(scores, class_set.names))
+        print(f"report: {report}/ (metrics.json, iou_table.txt, confusion_*.png)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from pl3d_ros.eval.evaluate import evaluate, write_report
+    from pl3d_ros.eval.metrics import format_table
+    from pl3d_ros.io.sources import load_frames
+    from pl3d_ros.models.checkpoint import load_checkpoint
+    from pl3d_ros.pipeline import Segmenter
+    from pl3d_ros.runtime.factory import create_backend
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, header = load_checkpoint(args.checkpoint)
+    frames = load_frames(args.data, require_labels=True)
+    backend = create_backend(args.backend, model, header, threads=args.threads, precision=args.precision)
+    seg = Segmenter(backend, header)
+    seg.infer(frames[0])  # warm-up: first-run allocations are not the latency a user sees
+    scores = evaluate(seg.infer, frames, header.class_set, _progress("eval", len(frames)))
+    summary = scores.summary(header.class_set.names)
+    write_report(summary, header.class_set, args.out,
+                 {"checkpoint": str(args.checkpoint), "inputs": [str(p) for p in args.data],
+                  "backend": backend.describe()})
+    print(format_table(summary, header.class_set.names))
+    print("latency (ms): " + ", ".join(f"{k} p50 {v['p50']:.1f} / p90 {v['p90']:.1f}"
+                                       for k, v in summary["latency_ms"].items()))
+    print(f"wrote {Path(args.out) / 'metrics.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pl3d",
@@ -142,6 +225,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a pl3d_ros .safetensors checkpoint")
     p.add_argument("-o", "--output", required=True, help="folder to write into")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "train", help="supervised source training on labeled KITTI folders or bags",
+        description="Train both branches with class-weighted cross-entropy and augmentations. "
+                    "Checkpoints after every epoch (CKPT + CKPT.train-state); --resume continues. "
+                    "With --val, reports validation mIoU and writes a report folder at the end.",
+    )
+    p.add_argument("--data", nargs="+", required=True, help="SemanticKITTI sequence folders or labeled bags")
+    p.add_argument("--val", nargs="*", default=[], help="validation inputs (same kinds)")
+    p.add_argument("--out", required=True, help="checkpoint to write (.safetensors)")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--preset", default="cpu", help="model size preset: cpu | gpu (default cpu)")
+    p.add_argument("--class-set", default="xmuda10")
+    p.add_argument("--val-every", type=int, default=5, help="validate every N epochs (and at the end)")
+    p.add_argument("--time-limit", type=float, default=0.0, help="minutes; stop after the epoch that passes it")
+    p.add_argument("--resume", action="store_true", help="continue from --out's training state")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--report", default=None, help="report folder (default: CKPT stem + _report)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "eval", help="mIoU (fused, 2D, 3D) and latency of a checkpoint on labeled data",
+        description="Writes DIR/metrics.json (frames, miou, miou_all_points, iou_per_class, "
+                    "latency_ms), DIR/iou_table.txt and confusion-matrix PNGs; prints the table.",
+    )
+    p.add_argument("checkpoint")
+    p.add_argument("--data", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--backend", default="onnxruntime", help="onnxruntime | torch | tensorrt")
+    p.add_argument("--precision", default="fp16", help="TensorRT precision (fp32 | fp16)")
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
@@ -156,11 +276,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pl3d_ros.frame import FrameError
     from pl3d_ros.io.bag import BagError
     from pl3d_ros.io.kitti import KittiError
+    from pl3d_ros.config import ConfigError
+    from pl3d_ros.labels import ClassSetError
     from pl3d_ros.models.checkpoint import CheckpointError
+    from pl3d_ros.runtime.base import BackendError
 
     try:
         return args.func(args)
-    except (BagError, KittiError, FrameError, CheckpointError, FileNotFoundError) as exc:
+    except (BagError, KittiError, FrameError, CheckpointError, ConfigError, ClassSetError, BackendError,
+            FileNotFoundError) as exc:
         print(f"pl3d {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

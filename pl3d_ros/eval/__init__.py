@@ -1,0 +1,1 @@
+"""Evaluation: metrics, replay of bags through the pipeline, domain-shift corruptions, reports."""

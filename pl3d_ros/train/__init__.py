@@ -1,0 +1,1 @@
+"""Supervised source training: augmentations and the training loop."""

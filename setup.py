@@ -19,7 +19,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(exclude=["test", "test.*", "bench", "bench.*"]),
-    package_data={PACKAGE: ["classes/*.yaml"]},
+    package_data={PACKAGE: ["classes/*.yaml", "weights/*.safetensors", "weights/*.md"]},
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),
@@ -36,14 +36,23 @@ setup(
         # The PyPI torch build (CUDA-enabled; runs on CPU where there is no GPU). torchvision,
         # which segment-anything needs, only works with this build, not a local CPU-only wheel.
         "torch>=2.1",
+        "torchvision>=0.16",
         "onnx>=1.15",
         "onnxruntime>=1.17",
         "safetensors>=0.4",
+        "scipy>=1.10",  # KD-trees for propagation
+        "scikit-image>=0.21",  # Felzenszwalb superpixels, the default mask provider
+        "matplotlib>=3.7",  # report plots (Agg backend, headless)
+        # Mask providers: SAM (vit_b/l/h) and MobileSAM (vit_t; its module needs timm).
+        "segment-anything>=1.0",
+        "mobilesam-mirror",
+        "timm>=0.9",
         "setuptools",
     ],
     extras_require={
-        # GPU inference: TensorRT 10 + CuPy (CUDA 12 wheels). Install where an NVIDIA GPU is present.
-        "trt": ["tensorrt>=10.0", "cupy-cuda12x>=13.0"],
+        # GPU inference: TensorRT 10 (11 dropped the FP16 builder flag this code uses). GPU buffers
+        # are torch CUDA tensors, so CuPy is not needed. Install where an NVIDIA GPU is present.
+        "trt": ["tensorrt>=10.0,<11"],
         "dev": ["pytest>=7.4"],
     },
     zip_safe=True,

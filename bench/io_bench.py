@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pl3d_ros.io import ros_msgs
-from pl3d_ros.io.bag import BagReader, BagWriter, typestore
+from pl3d_ros.io.bag import BagReader, typestore
 from pl3d_ros.io.kitti import KittiSequence, sequence_to_bag
 
 REPO = Path(__file__).resolve().parents[1]

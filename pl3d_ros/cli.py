@@ -89,6 +89,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_engine(args: argparse.Namespace) -> int:
+    from pl3d_ros.runtime.tensorrt_backend import build_engine_from_export
+
+    t0 = time.perf_counter()
+    path = build_engine_from_export(args.export_dir, args.precision, cache_dir=args.cache_dir,
+                                    force=args.force)
+    print(f"engine ready: {path} ({path.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
 def _class_names(paths) -> str:
     return ", ".join(str(p) for p in paths)
 
@@ -96,7 +106,7 @@ def _class_names(paths) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from pl3d_ros.config import ModelConfig, RangeImageConfig
+    from pl3d_ros.config import ModelConfig
     from pl3d_ros.eval.evaluate import evaluate, write_report
     from pl3d_ros.io.sources import load_frames
     from pl3d_ros.labels import load_class_set
@@ -112,8 +122,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     val_frames = load_frames(args.val, require_labels=True) if args.val else []
     print(f"training on {len(frames)} frames from {_class_names(args.data)}"
           + (f"; validating on {len(val_frames)} frames from {_class_names(args.val)}" if val_frames else ""))
-    model_cfg = ModelConfig.from_preset(args.preset)
-    sensor = RangeImageConfig()
+    from pl3d_ros.config import Config
+
+    base = Config.from_yaml(args.config) if args.config else Config()
+    model_cfg = ModelConfig.from_preset(args.preset) if args.preset else base.model
+    sensor = base.sensor
 
     def validate(model, header):
         seg = Segmenter(TorchBackend(model, header.input_shapes), header)
@@ -160,7 +173,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     backend = create_backend(args.backend, model, header, threads=args.threads, precision=args.precision)
     seg = Segmenter(backend, header)
     seg.infer(frames[0])  # warm-up: first-run allocations are not the latency a user sees
-    scores = evaluate(seg.infer, frames, header.class_set, _progress("eval", len(frames)))
+    bar = _progress("eval", len(frames))
+    scores = evaluate(seg.infer, frames, header.class_set, lambda done: bar(done, len(frames)))
     summary = scores.summary(header.class_set.names)
     write_report(summary, header.class_set, args.out,
                  {"checkpoint": str(args.checkpoint), "inputs": [str(p) for p in args.data],
@@ -227,6 +241,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
+        "build-engine", help="build (or find cached) the TensorRT engine of an export folder",
+        description="Build a TensorRT engine from DIR/model.onnx (written by `pl3d export`) with the "
+                    "REFIT flag, into the engine cache (key: ONNX sha256, precision, TensorRT version, "
+                    "GPU compute capability). Needs an NVIDIA GPU and `pip install '.[trt]'`.",
+    )
+    p.add_argument("export_dir")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp16")
+    p.add_argument("--cache-dir", default=None,
+                   help="default: $PL3D_ENGINE_CACHE or ~/.cache/pl3d_ros/engines")
+    p.add_argument("--force", action="store_true", help="rebuild even when a valid entry exists")
+    p.set_defaults(func=cmd_build_engine)
+
+    p = sub.add_parser(
         "train", help="supervised source training on labeled KITTI folders or bags",
         description="Train both branches with class-weighted cross-entropy and augmentations. "
                     "Checkpoints after every epoch (CKPT + CKPT.train-state); --resume continues. "
@@ -239,7 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--preset", default="cpu", help="model size preset: cpu | gpu (default cpu)")
+    p.add_argument("--preset", default=None,
+                   help="model size preset: cpu | gpu (default: the config's model, i.e. cpu)")
+    p.add_argument("--config", default=None,
+                   help="settings YAML (model and sensor sections are used; default: built-in)")
     p.add_argument("--class-set", default="xmuda10")
     p.add_argument("--val-every", type=int, default=5, help="validate every N epochs (and at the end)")
     p.add_argument("--time-limit", type=float, default=0.0, help="minutes; stop after the epoch that passes it")

@@ -181,7 +181,8 @@ class ConnectivityConfig:
 
 
 ADAPT_METHODS = ("source", "tent", "pl", "full")
-ADAPT_COMPONENTS = ("mla", "gapp", "connectivity", "negative", "erda", "xm", "restore")
+# "restore" is the stochastic restore (section 5.4); "guard" the collapse guard (section 5.5).
+ADAPT_COMPONENTS = ("mla", "gapp", "connectivity", "negative", "erda", "xm", "restore", "guard")
 
 
 @dataclass
@@ -242,6 +243,116 @@ class AdaptConfig:
         return self.method == "full" and component not in self.disable
 
 
+RUNTIME_BACKENDS = ("onnxruntime", "torch", "tensorrt")
+RUNTIME_PRECISIONS = ("fp16", "fp32")
+#: QoS presets of the node's topics, turned into settings by ``runner.qos_settings``:
+#: sensor_data and best_effort are BEST_EFFORT, reliable is RELIABLE; all VOLATILE, KEEP_LAST.
+QOS_PRESETS = ("sensor_data", "best_effort", "reliable")
+
+
+@dataclass
+class RuntimeConfig:
+    """Inference backend, and how the CPU is split between inference and adaptation."""
+
+    backend: str = "onnxruntime"  # onnxruntime | torch | tensorrt
+    precision: str = "fp16"  # TensorRT engine precision: fp16 | fp32 (the other backends run fp32)
+    model: str = ""  # checkpoint (.safetensors); "" = the bundled default model
+    device: str = ""  # torch backend device (cpu, cuda, cuda:1); "" = cuda when available
+    engine_cache_dir: str = ""  # TensorRT engine cache; "" = the user's cache directory
+    force_rebuild: bool = False  # rebuild the TensorRT engine even when a cached one fits
+    threads: int = 0  # inference CPU threads; 0 = all cores, less adapt_threads while adapting
+    adapt_threads: int = 1  # torch intra-op threads of the adaptation thread
+    adapt_nice: int = 10  # nice increment of the adaptation threads (Linux), 0 = same priority
+
+    def validate(self) -> None:
+        if self.backend not in RUNTIME_BACKENDS:
+            raise ConfigError(f"runtime.backend must be one of {RUNTIME_BACKENDS}, got {self.backend!r}")
+        if self.precision not in RUNTIME_PRECISIONS:
+            raise ConfigError(f"runtime.precision must be one of {RUNTIME_PRECISIONS}, "
+                              f"got {self.precision!r}")
+        if self.threads < 0:
+            raise ConfigError(f"runtime.threads must be >= 0 (0 = automatic), got {self.threads}")
+        _check_positive("runtime.adapt_threads", self.adapt_threads)
+        if not 0 <= self.adapt_nice <= 19:
+            raise ConfigError(f"runtime.adapt_nice must be in [0, 19], got {self.adapt_nice}")
+
+
+@dataclass
+class TopicsConfig:
+    """Input topics. Relative names resolve in the node's namespace; remap them in launch."""
+
+    image: str = "~/input/image"
+    camera_info: str = "~/input/camera_info"
+    pointcloud: str = "~/input/pointcloud"
+
+    def validate(self) -> None:
+        for name in ("image", "camera_info", "pointcloud"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"topics.{name} must not be empty")
+
+
+@dataclass
+class FramesConfig:
+    """Where the LiDAR -> camera extrinsics come from: tf2 (default) or a fixed matrix."""
+
+    static_extrinsics: list[float] = field(default_factory=list)  # 16 floats, row-major T_cam_lidar; [] = tf2
+    camera_frame: str = ""  # "" = the CameraInfo's header.frame_id
+    lidar_frame: str = ""  # "" = the cloud's header.frame_id
+    tf_retry_s: float = 1.0  # period of the tf2 lookup until the transform is found
+
+    def validate(self) -> None:
+        values = self.static_extrinsics
+        if values:
+            if len(values) != 16 or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                        for v in values):
+                raise ConfigError("frames.static_extrinsics must be 16 numbers (row-major 4x4 "
+                                  f"T_cam_lidar) or empty for tf2, got {values!r}")
+            from pl3d_ros.frame import FrameError, check_rigid
+
+            try:
+                check_rigid([float(v) for v in values], "frames.static_extrinsics")
+            except FrameError as exc:
+                raise ConfigError(str(exc)) from exc
+            self.static_extrinsics = [float(v) for v in values]
+        _check_positive("frames.tf_retry_s", self.tf_retry_s)
+
+
+@dataclass
+class QosConfig:
+    """QoS of the node's topics (names as Isaac ROS's input_qos / output_qos)."""
+
+    input: str = "sensor_data"  # sensor_data | best_effort | reliable
+    input_depth: int = 5
+    output: str = "reliable"  # reliable | best_effort | sensor_data (RViz defaults to reliable)
+    output_depth: int = 1
+
+    def validate(self) -> None:
+        for name in ("input", "output"):
+            if getattr(self, name) not in QOS_PRESETS:
+                raise ConfigError(f"qos.{name} must be one of {QOS_PRESETS}, got {getattr(self, name)!r}")
+        _check_positive("qos.input_depth", self.input_depth)
+        _check_positive("qos.output_depth", self.output_depth)
+
+
+@dataclass
+class NodeConfig:
+    """The ROS node: processing budget, diagnostics, debug topics, shutdown."""
+
+    max_allowed_processing_time_ms: float = 100.0  # WARN above this per frame
+    max_acceptable_consecutive_delay_ms: float = 1000.0  # ERROR when over budget this long
+    diagnostics_period_s: float = 1.0
+    stats_window: int = 100  # frames behind the mean / p90 processing time
+    debug_topics: bool = True  # publish ~/debug/processing_time/*, pipeline latency, cyclic time
+    intensity_field: str = ""  # cloud field read as intensity; "" = intensity, i or reflectivity
+    stop_timeout_s: float = 5.0  # bound on joining the inference and adaptation threads
+    save_on_shutdown: bool = True  # checkpoint the adapted model to adapt.checkpoint_path
+
+    def validate(self) -> None:
+        for name in ("max_allowed_processing_time_ms", "max_acceptable_consecutive_delay_ms",
+                     "diagnostics_period_s", "stats_window", "stop_timeout_s"):
+            _check_positive(f"node.{name}", getattr(self, name))
+
+
 def _check_positive(key: str, value: float) -> None:
     if value <= 0:
         raise ConfigError(f"{key} must be positive, got {value}")
@@ -264,6 +375,11 @@ class Config:
     refine: RefineConfig = field(default_factory=RefineConfig)
     connectivity: ConnectivityConfig = field(default_factory=ConnectivityConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    topics: TopicsConfig = field(default_factory=TopicsConfig)
+    frames: FramesConfig = field(default_factory=FramesConfig)
+    qos: QosConfig = field(default_factory=QosConfig)
+    node: NodeConfig = field(default_factory=NodeConfig)
 
     def validate(self) -> Config:
         from pl3d_ros.labels import available_class_sets

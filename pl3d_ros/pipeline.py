@@ -48,16 +48,23 @@ def fit_camera(camera: CameraModel, width: int, height: int) -> tuple[CameraMode
     return camera.resized(rw, rh).cropped(x0, y0, width, height), (rw, rh), (x0, y0)
 
 
-def prepare_image(image: np.ndarray, size: tuple[int, int], offset: tuple[int, int],
-                  out_wh: tuple[int, int]) -> np.ndarray:
-    """(H, W, 3) uint8 -> (1, 3, h, w) float32 in [0, 1]: antialiased resize to ``size``, then crop."""
+def resize_crop(image: np.ndarray, size: tuple[int, int], offset: tuple[int, int],
+                out_wh: tuple[int, int]) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, 3, h, w) float32 in [0, 1]: antialiased resize to ``size`` (w, h),
+    then the out_wh crop at ``offset`` (x0, y0). Shared by training and inference, so both see
+    exactly the same pixels."""
     if not image.flags.writeable:  # decoded images and message buffers are read-only views
         image = image.copy()
     t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div_(255.0)
     t = F.interpolate(t, size=(size[1], size[0]), mode="bilinear", align_corners=False, antialias=True)
     x0, y0 = offset
-    t = t[:, :, y0:y0 + out_wh[1], x0:x0 + out_wh[0]]
-    return np.ascontiguousarray(t.clamp_(0.0, 1.0).numpy())
+    return t[:, :, y0:y0 + out_wh[1], x0:x0 + out_wh[0]].clamp_(0.0, 1.0)
+
+
+def prepare_image(image: np.ndarray, size: tuple[int, int], offset: tuple[int, int],
+                  out_wh: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 -> (1, 3, h, w) float32 in [0, 1]: antialiased resize to ``size``, then crop."""
+    return np.ascontiguousarray(resize_crop(image, size, offset, out_wh).numpy())
 
 
 class Segmenter:

@@ -9,7 +9,7 @@ from PIL import Image
 
 from pl3d_ros.cli import main
 from pl3d_ros.frame import CameraModel
-from pl3d_ros.io.bag import BagError, BagReader, BagTopics, BagWriter
+from pl3d_ros.io.bag import BagError, BagReader, BagWriter
 from pl3d_ros.io.kitti import (CAMERA_FRAME, DEFAULT_START_NS, LIDAR_FRAME, KittiError, KittiSequence,
                                read_calib, sequence_to_bag)
 

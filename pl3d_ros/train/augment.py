@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pl3d_ros.frame import CameraModel
+from pl3d_ros.pipeline import resize_crop
 
 
 @dataclass
@@ -90,9 +90,5 @@ def jitter_colour(image: torch.Tensor, cfg: AugmentConfig, rng: np.random.Genera
 
 def crop_image(image: np.ndarray, crop: ImageCrop, width: int, height: int) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, height, width) float32 in [0, 1] as ``crop`` says (mirroring included)."""
-    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div_(255.0)
-    t = F.interpolate(t, size=(crop.size[1], crop.size[0]), mode="bilinear", align_corners=False,
-                      antialias=True)
-    x0, y0 = crop.offset
-    t = t[0, :, y0:y0 + height, x0:x0 + width]
+    t = resize_crop(image, crop.size, crop.offset, (width, height))[0]
     return t.flip(-1) if crop.flip else t

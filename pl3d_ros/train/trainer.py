@@ -235,7 +235,7 @@ def train(frames: list[Frame], out: str | Path, class_set: ClassSet, model_cfg: 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}", miou3d=f"{cm_3d.miou():.1f}",
                             miou2d=f"{cm_2d.miou():.1f}")
         bar.close()

@@ -99,6 +99,55 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from tqdm import tqdm
+
+    from pl3d_ros.config import Config, ConfigError
+    from pl3d_ros.eval.replay import ReplayOptions, replay
+
+    cfg = Config.from_yaml(args.config) if args.config else Config()
+    adapt = cfg.adapt
+    if args.disable:
+        if args.method != "full":
+            raise ConfigError("--disable applies to --method full only")
+        adapt = dataclasses.replace(adapt, disable=[c.strip() for c in args.disable.split(",") if c.strip()])
+    if args.steps_per_frame:
+        adapt = dataclasses.replace(adapt, steps_per_frame=args.steps_per_frame)
+    cfg = dataclasses.replace(cfg, adapt=adapt)
+    cfg.validate()
+    opts = ReplayOptions(method=args.method, corrupt=args.corrupt or "", mode=args.mode, seed=args.seed,
+                         backend=args.backend, threads=args.threads, max_frames=args.max_frames,
+                         write_bag=not args.no_bag, label=args.label or "", config=cfg)
+    bar = tqdm(desc=f"replay {args.method}", unit="frame", file=sys.stderr, dynamic_ncols=True,
+               total=args.max_frames)
+
+    def progress(done: int, info: dict) -> None:
+        bar.update(done - bar.n)
+        bar.set_postfix(miou=f"{info['miou']:.1f}")
+
+    metrics = replay(args.input, _model_path(args.model), args.out, opts, progress)
+    bar.close()
+    print(f"{metrics['label']} on {metrics['input']} ({metrics['corruption']}, {metrics['mode']}): "
+          f"mIoU fused {metrics['miou']['fused']:.1f} / 2D {metrics['miou']['2d']:.1f} / "
+          f"3D {metrics['miou']['3d']:.1f} over {metrics['frames']} frames; "
+          f"{metrics['adapt_steps']} adaptation steps, {metrics['weight_swaps']} weight swaps")
+    for stage, v in metrics["pseudo_labels"].items():
+        print(f"pseudo-labels {stage}: density {v['density']}%, precision {v['precision']}%")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def _model_path(model: str | None) -> str:
+    """The checkpoint to use: the given path, or the bundled default weights."""
+    if model:
+        return model
+    from pl3d_ros.weights import default_model_path
+
+    return str(default_model_path())
+
+
 def _class_names(paths) -> str:
     return ", ".join(str(p) for p in paths)
 
@@ -292,6 +341,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp16", help="TensorRT precision (fp32 | fp16)")
     p.add_argument("--threads", type=int, default=0)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "replay", help="run a bag or KITTI folder through segmentation + online adaptation",
+        description="Online protocol: frame t is scored with the weights deployed before adapting "
+                    "on frame t. Writes DIR/metrics.json, DIR/report.md, PNG plots and a labeled "
+                    "MCAP bag (DIR/labeled.mcap).",
+    )
+    p.add_argument("input", nargs="+", help="ROS 2 bag(s) or SemanticKITTI sequence folder(s), "
+                   "played one after the other as one stream")
+    p.add_argument("--model", default=None, help="checkpoint (default: the bundled model)")
+    p.add_argument("--method", choices=("source", "tent", "pl", "full"), default="full")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--corrupt", default="", help="domain shift, e.g. fog:3,night:2 (see pl3d corruptions)")
+    p.add_argument("--mode", choices=("lockstep", "realtime"), default="lockstep")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--disable", default="",
+                   help="components of full to switch off: mla,gapp,connectivity,negative,erda,xm,restore,guard")
+    p.add_argument("--steps-per-frame", type=int, default=0, help="lockstep adaptation steps per frame")
+    p.add_argument("--config", default=None, help="settings YAML (adapt, refine, ... sections)")
+    p.add_argument("--backend", default="onnxruntime", help="onnxruntime | torch | tensorrt")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--max-frames", type=int, default=None)
+    p.add_argument("--no-bag", action="store_true", help="skip the labeled output bag")
+    p.add_argument("--label", default=None, help="run name in tables and plots")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("corruptions", help="list the domain-shift corruptions and their severities")
+    p.set_defaults(func=lambda args: print(__import__("pl3d_ros.eval.corruptions", fromlist=["x"]).describe()) or 0)
     return parser
 
 

@@ -1,0 +1,277 @@
+"""Replay a recording through the segmenter and an adaptation method, as a deployed node sees it.
+
+Protocol (online): the prediction scored for frame t is made with the weights deployed *before*
+the model adapts on frame t. ``lockstep`` runs inference then ``steps_per_frame`` adaptation steps
+on one thread, frame after frame: reproducible with a seed. ``realtime`` runs the node's runner
+(inference thread + adaptation thread) with frames fed at their recorded rate, so slow adaptation
+means fewer steps and dropped inference frames count as they would on a robot.
+
+Writes into the output folder:
+    metrics.json    the keys of ``pl3d eval`` + method, corruption, mode, adapt_steps,
+                    weight_swaps, pseudo_labels {"base"|"refined"|"filtered": {density, precision}} (%)
+    report.md       per-class tables and the run's settings
+    miou_over_frames.png, confusion_fused.png, latency_hist.png
+    labeled.mcap/   a ROS 2 bag: camera, CameraInfo, /tf_static, the segmentation cloud
+                    (x y z intensity label confidence) and the visualization cloud (+ rgb)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pl3d_ros.config import Config
+from pl3d_ros.eval.corruptions import apply as apply_corruptions
+from pl3d_ros.eval.corruptions import parse_spec
+from pl3d_ros.eval.evaluate import score_prediction
+from pl3d_ros.eval.metrics import ConfusionMatrix, SegmentationScores, format_table
+from pl3d_ros.frame import Frame, Prediction
+from pl3d_ros.io.sources import open_source
+from pl3d_ros.models.checkpoint import load_checkpoint
+from pl3d_ros.pipeline import Segmenter
+from pl3d_ros.runtime.factory import create_backend
+
+log = logging.getLogger(__name__)
+
+SEGMENTATION_TOPIC = "/pl3d/output/pointcloud/segmentation"
+VISUALIZATION_TOPIC = "/pl3d/output/pointcloud/visualization"
+
+
+@dataclass
+class ReplayOptions:
+    method: str = "full"
+    corrupt: str = ""  # e.g. "fog:3,night:2"
+    mode: str = "lockstep"  # lockstep | realtime
+    seed: int = 0
+    backend: str = "onnxruntime"
+    threads: int = 0
+    max_frames: int | None = None
+    write_bag: bool = True
+    plots: bool = True
+    label: str = ""  # name of the run in tables and plots (default: method)
+    config: Config = field(default_factory=Config)
+
+
+class LabeledBagWriter:
+    """The replay's output bag: what RViz or Foxglove shows for a labeled stream."""
+
+    def __init__(self, path: Path, class_set) -> None:
+        from pl3d_ros.io.bag import BagWriter
+
+        self.class_set = class_set
+        self.writer = BagWriter(path, overwrite=True)
+        self.writer.__enter__()
+        self._tf_written = False
+
+    def write(self, frame: Frame, pred: Prediction) -> None:
+        from pl3d_ros.io import ros_msgs
+        from pl3d_ros.transforms import invert
+
+        w, f = self.writer, self.writer.factory
+        lidar = frame.lidar_frame_id or "velodyne"
+        camera = frame.camera.frame_id or "camera_optical"
+        if not self._tf_written:
+            w.write_static_transform(frame.stamp_ns, lidar, camera, invert(frame.camera.T_cam_lidar))
+            self._tf_written = True
+        w.write_frame(frame.stamp_ns, frame.points, frame.image, frame.camera, lidar, camera)
+        header = ros_msgs.make_header(f, frame.stamp_ns, lidar)
+        seg = ros_msgs.segmentation_cloud_array(frame.points, pred.labels, pred.confidence)
+        w.write(SEGMENTATION_TOPIC, ros_msgs.make_cloud(f, header, seg), frame.stamp_ns)
+        vis = ros_msgs.segmentation_cloud_array(frame.points, pred.labels, pred.confidence,
+                                                rgb=self.class_set.colorize(pred.labels))
+        w.write(VISUALIZATION_TOPIC, ros_msgs.make_cloud(f, header, vis), frame.stamp_ns)
+
+    def close(self, ok: bool = True) -> None:
+        self.writer.__exit__(None if ok else RuntimeError, None, None)
+
+
+def _pseudo_label_summary(totals: dict[str, Any] | None) -> dict[str, dict[str, float | None]]:
+    out: dict[str, dict[str, float | None]] = {}
+    for stage in ("base", "refined", "filtered"):
+        s = (totals or {}).get(stage)
+        if not s:
+            continue
+        out[stage] = {"density": round(100 * s["density"], 2),
+                      "precision": None if s["precision"] is None else round(100 * s["precision"], 2)}
+    return out
+
+
+def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_dir: str | Path,
+           opts: ReplayOptions, progress: Callable[[int, dict[str, float]], None] | None = None
+           ) -> dict[str, Any]:
+    """Run one method over the inputs, played one after the other as one stream (see the module
+    docstring); returns the metrics dict."""
+    import torch
+
+    if opts.mode not in ("lockstep", "realtime"):
+        raise ValueError(f"mode must be lockstep or realtime, got {opts.mode!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    cfg = dataclasses.replace(opts.config, adapt=dataclasses.replace(opts.config.adapt, method=opts.method))
+    cfg.validate()
+    model, header = load_checkpoint(checkpoint)
+    cfg.sensor = header.sensor  # the range image the network was trained on
+    class_set = header.class_set
+    corruptions = parse_spec(opts.corrupt, sensor=header.sensor)
+    torch.manual_seed(opts.seed)
+    backend = create_backend(opts.backend, model, header, threads=opts.threads)
+    seg = Segmenter(backend, header)
+    adapter = None
+    if opts.method != "source":
+        from pl3d_ros.adapt.adapter import Adapter
+
+        adapter = Adapter(model, header, cfg, on_weights=backend.swap_weights, seed=opts.seed)
+
+    scores = SegmentationScores(class_set.num_classes)
+    per_frame: list[float] = []
+    running: list[float] = []
+    adapt_ms: list[float] = []
+    bag = LabeledBagWriter(out / "labeled.mcap", class_set) if opts.write_bag else None
+    inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    sources = [open_source(p) for p in inputs]  # fail early on a bad path
+    input_name = " + ".join(str(p) for p in inputs)
+
+    def frames():
+        t, last_ns = 0, None
+        for src in sources:
+            shift = None
+            for frame in src.frames():
+                if opts.max_frames is not None and t >= opts.max_frames:
+                    return
+                # One stream: when the next input starts at or before the end of the previous one
+                # (two KITTI sequences both start at 0 s), shift it to follow 0.1 s later.
+                if shift is None:
+                    shift = 0 if last_ns is None or frame.stamp_ns > last_ns else \
+                        last_ns + 100_000_000 - frame.stamp_ns
+                frame.stamp_ns += shift
+                frame.seq = t
+                last_ns = frame.stamp_ns
+                yield apply_corruptions(frame, corruptions, (opts.seed, t)) if corruptions else frame
+                t += 1
+
+    def record(frame: Frame, pred: Prediction) -> None:
+        if frame.labels is not None:
+            score_prediction(scores, frame, pred, class_set)
+            cm = ConfusionMatrix(class_set.num_classes)
+            cm.update(pred.labels[pred.in_view], class_set.to_train_ids(frame.labels)[pred.in_view])
+            per_frame.append(cm.miou())
+            running.append(scores.in_view["fused"].miou())
+        if bag:
+            bag.write(frame, pred)
+        if progress:
+            progress(len(per_frame), {"miou": running[-1] if running else float("nan")})
+
+    t_start = time.perf_counter()
+    ok = False
+    try:
+        if opts.mode == "lockstep":
+            for frame in frames():
+                pred = seg.infer(frame)  # deployed weights, before adapting on this frame
+                record(frame, pred)
+                if adapter is not None:
+                    t0 = time.perf_counter()
+                    adapter.step(frame)
+                    adapt_ms.append((time.perf_counter() - t0) * 1e3)
+            runner_health: dict[str, Any] = {}
+        else:
+            runner_health = _run_realtime(seg, adapter, frames(), record, cfg)
+        ok = True
+    finally:
+        if bag:
+            bag.close(ok)
+        if adapter is not None and opts.mode == "realtime":
+            adapter.stop(10.0)
+    wall_s = time.perf_counter() - t_start
+
+    health = adapter.health() if adapter is not None else {}
+    summary = scores.summary(class_set.names)
+    if adapt_ms:
+        summary["latency_ms"]["adaptation"] = {k: round(float(np.percentile(adapt_ms, q)), 2)
+                                               for k, q in (("p50", 50), ("p90", 90))}
+    metrics = {
+        "input": input_name, "checkpoint": str(checkpoint), "method": opts.method,
+        "label": opts.label or opts.method, "corruption": opts.corrupt or "none", "mode": opts.mode,
+        "seed": opts.seed, "backend": backend.describe(),
+        "steps_per_frame": cfg.adapt.steps_per_frame if opts.mode == "lockstep" else None,
+        "disabled_components": list(cfg.adapt.disable) if opts.method == "full" else [],
+        "adapt_steps": int(health.get("steps", 0)), "weight_swaps": int(backend.swaps),
+        "adapter_errors": int(health.get("errors", 0)),
+        "restores": {"collapse": int(health.get("collapse_restores", 0))},
+        "pseudo_labels": _pseudo_label_summary(adapter.pseudo_label_totals() if adapter else None),
+        "wall_s": round(wall_s, 1),
+        **summary,
+        "miou_per_frame": [round(v, 2) for v in per_frame],
+        "miou_running": [round(v, 2) for v in running],
+    }
+    if runner_health:
+        metrics["runner"] = runner_health
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    if opts.plots and per_frame:
+        from pl3d_ros.eval.plots import plot_confusion, plot_latency, plot_series
+
+        plot_series({metrics["label"]: running}, out / "miou_over_frames.png",
+                    ylabel="running fused mIoU, in view (%)",
+                    title=f"{metrics['label']} ({metrics['corruption']})")
+        plot_confusion(np.asarray(summary["confusion"]["fused"]), class_set.names, out / "confusion_fused.png")
+        plot_latency(dict(scores.latency_ms) | ({"adaptation": adapt_ms} if adapt_ms else {}),
+                     out / "latency_hist.png")
+    (out / "report.md").write_text(markdown_report(metrics, class_set.names))
+    return metrics
+
+
+def _run_realtime(seg: Segmenter, adapter, frames, record, cfg: Config) -> dict[str, Any]:
+    """Feed frames at their recorded rate into the node's runner (inference + adaptation threads)."""
+    from pl3d_ros.runner import Runner
+
+    runner = Runner(seg, adapter, on_output=record, config=cfg)
+    runner.start()
+    try:
+        t0_wall, t0_stamp = None, None
+        for frame in frames:
+            if t0_wall is None:
+                t0_wall, t0_stamp = time.perf_counter(), frame.stamp_ns
+            delay = (frame.stamp_ns - t0_stamp) * 1e-9 - (time.perf_counter() - t0_wall)
+            if delay > 0:
+                time.sleep(delay)
+            runner.submit(frame)
+        runner.drain(timeout_s=30.0)
+    finally:
+        runner.stop(timeout_s=10.0)
+    return runner.health()
+
+
+def markdown_report(metrics: dict[str, Any], names: list[str] | tuple[str, ...]) -> str:
+    """The human-readable page of one replay."""
+    lines = [f"# Replay: {metrics['label']} on {metrics['input']}", "",
+             f"- checkpoint: `{metrics['checkpoint']}`",
+             f"- method: {metrics['method']}" + (f" (without {', '.join(metrics['disabled_components'])})"
+                                                 if metrics["disabled_components"] else ""),
+             f"- corruption: {metrics['corruption']}; mode: {metrics['mode']}"
+             + (f", {metrics['steps_per_frame']} adaptation step(s) per frame" if metrics["steps_per_frame"] else ""),
+             f"- frames: {metrics['frames']}, adaptation steps: {metrics['adapt_steps']}, "
+             f"weight swaps: {metrics['weight_swaps']}, adapter errors: {metrics['adapter_errors']}",
+             f"- wall time: {metrics['wall_s']} s", "",
+             "## mIoU (%)", "", "| | fused | 2D | 3D |", "|---|---|---|---|",
+             f"| in view | {metrics['miou']['fused']} | {metrics['miou']['2d']} | {metrics['miou']['3d']} |",
+             f"| all points | {metrics['miou_all_points']['fused']} | - | {metrics['miou_all_points']['3d']} |",
+             "", "## IoU per class, in view (%)", "", "```", format_table(metrics, names), "```", ""]
+    if metrics["pseudo_labels"]:
+        lines += ["## Pseudo-labels (%)", "", "| stage | density | precision |", "|---|---|---|"]
+        for stage, v in metrics["pseudo_labels"].items():
+            lines.append(f"| {stage} | {v['density']} | {v['precision'] if v['precision'] is not None else '-'} |")
+        lines.append("")
+    lines += ["## Latency (ms)", "", "| stage | p50 | p90 |", "|---|---|---|"]
+    lines += [f"| {k} | {v['p50']} | {v['p90']} |" for k, v in metrics["latency_ms"].items()]
+    lines += ["", "Plots: `miou_over_frames.png`, `confusion_fused.png`, `latency_hist.png`. "
+              "Labeled bag: `labeled.mcap/` (play it with `ros2 bag play` and open RViz or Foxglove).", ""]
+    return "\n".join(lines)

@@ -21,6 +21,7 @@ from pl3d_ros.labels import load_class_set
 from pl3d_ros.models.checkpoint import CheckpointHeader, load_checkpoint
 from pl3d_ros.models.two_stream import build_model
 from pl3d_ros.pipeline import Segmenter
+from pl3d_ros.runtime.base import BackendError
 from pl3d_ros.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from pl3d_ros.runtime.torch_backend import TorchBackend
 
@@ -48,6 +49,13 @@ def main() -> None:
         "torch": TorchBackend(model, header.input_shapes, device="cuda" if torch.cuda.is_available() else "cpu"),
         "onnxruntime": OnnxRuntimeBackend(model, header, threads=args.threads),
     }
+    try:
+        from pl3d_ros.runtime.tensorrt_backend import TensorRTBackend
+
+        for precision in ("fp32", "fp16"):
+            backends[f"trt-{precision}"] = TensorRTBackend(model, header, precision=precision)
+    except BackendError as exc:
+        print(f"TensorRT rows skipped: {exc}")
     results: dict[str, dict[str, list[float]]] = {}
     for name, backend in backends.items():
         seg = Segmenter(backend, header)
@@ -57,6 +65,18 @@ def main() -> None:
             for stage, ms in seg.infer(frame).timings_ms.items():
                 times[stage].append(ms)
         results[name] = times
+    parity = {}
+    if len(backends) > 2:  # TensorRT present: logits and labels vs torch fp32 on the first frames
+        ref_seg = Segmenter(backends["torch"], header)
+        for name in (n for n in backends if n.startswith("trt")):
+            seg = Segmenter(backends[name], header)
+            diffs, agree = [], []
+            for frame in frames[:5]:
+                prep = ref_seg.preprocess(frame)
+                a, b = backends["torch"].run(prep.inputs), backends[name].run(prep.inputs)
+                diffs.append(max(float(np.abs(a[k] - b[k]).max()) for k in a))
+                agree.append(float((seg.infer(frame).labels == ref_seg.infer(frame).labels).mean()))
+            parity[name] = (max(diffs), min(agree))
     print(f"{len(frames)} KITTI frames (seq 00 + 04), preset {header.model.preset}, "
           f"{args.threads} threads, weights: {'checkpoint' if args.model else 'random'}")
     print(f"{'stage':<12}" + "".join(f"{n + ' p50':>18}{n + ' p90':>18}" for n in results) + f"{'ort/torch':>11}")
@@ -67,6 +87,8 @@ def main() -> None:
             row += f"{np.median(v):18.1f}{np.percentile(v, 90):18.1f}"
         ratio = np.median(results["onnxruntime"][stage]) / np.median(results["torch"][stage])
         print(row + f"{ratio:11.2f}")
+    for name, (diff, agree) in parity.items():
+        print(f"parity {name} vs torch fp32: max |logit diff| {diff:.4f}, label agreement {100 * agree:.2f}%")
 
 
 if __name__ == "__main__":

@@ -99,6 +99,7 @@ def save_checkpoint(path: str | Path, model: TwoStreamNet, header: CheckpointHea
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"pl3d": json.dumps(header.to_dict())})
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

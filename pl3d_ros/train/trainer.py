@@ -140,6 +140,7 @@ def save_train_state(path: Path, optimizer: torch.optim.Optimizer, meta: dict[st
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"pl3d_train": json.dumps(info)})
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -1,0 +1,310 @@
+"""The adapter: frames in, adapted weights out, on a background thread or in lockstep.
+
+    adapter = Adapter(model, header, cfg, on_weights=segmenter.backend.swap_weights)
+    # realtime (the node): never blocks the inference thread
+    adapter.start(); ...; adapter.offer(frame); ...; adapter.stop(5.0)
+    # lockstep (offline replay): score frame t with the deployed weights, then adapt on it
+    pred = segmenter.infer(frame); adapter.step(frame)
+
+Every ``swap_every_steps`` adaptation steps the teacher's weights go to ``on_weights`` (a CPU
+copy, so the receiver may keep it). After a restore to the source (collapse guard, ``reset``)
+they go at once. A failed step (any exception, a non-finite loss) is logged with its traceback,
+counted, and undone: the networks roll back to their state before the frame, and the thread goes
+on with the next frame.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+import traceback
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from pl3d_ros.adapt.batch import make_batch
+from pl3d_ros.adapt.methods import Method, build_method
+from pl3d_ros.adapt.quality import QualityTotals
+from pl3d_ros.config import Config
+from pl3d_ros.frame import Frame
+from pl3d_ros.models.checkpoint import CheckpointError, CheckpointHeader, load_checkpoint, save_checkpoint
+from pl3d_ros.models.two_stream import TwoStreamNet
+
+log = logging.getLogger(__name__)
+
+WeightsCallback = Callable[[dict[str, torch.Tensor]], None]
+
+
+class Adapter:
+    """Online source-free adaptation of a TwoStreamNet.
+
+    model: the source network (CPU or CUDA; adaptation runs on its device; it is copied, never
+    modified). header: its checkpoint header. cfg: the whole config (adapt, pseudo_labels,
+    refine, connectivity, sensor). on_weights: receives the teacher's state dict (the backend's
+    ``swap_weights``). mask_provider: a refine mask provider to use instead of building one from
+    cfg.refine. seed: seeds the adapter's private torch generator (the stochastic restore's draws;
+    no global RNG is touched). Everything else in a step is deterministic (argmax, medians,
+    superpixels, the connectivity filter's EM), so with torch's deterministic CPU kernels a
+    lockstep run is reproducible.
+    """
+
+    def __init__(self, model: TwoStreamNet, header: CheckpointHeader, cfg: Config,
+                 on_weights: WeightsCallback | None = None, mask_provider: Any = None, seed: int = 0) -> None:
+        self.cfg = cfg
+        self.header = header
+        self.on_weights = on_weights
+        self.device = next(model.parameters()).device
+        self.seed = int(seed)
+        self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        self.resumed_from: str | None = None
+        initial = self._resume_state()
+        self.method: Method = build_method(cfg, model, header, initial_state=initial,
+                                           generator=self.generator, mask_provider=mask_provider)
+        self.quality = QualityTotals(header.class_set.num_classes)
+
+        self._lock = threading.RLock()  # one step / reset / save at a time
+        self._cond = threading.Condition()  # guards the frame buffer
+        self._buffer: deque[Frame] = deque()
+        self._thread: threading.Thread | None = None
+        self._stop_event = threading.Event()
+
+        self._frames = 0  # frames stepped (index of the next frame)
+        self._steps = 0
+        self._frames_offered = 0
+        self._frames_dropped = 0
+        self._errors = 0
+        self._last_error: str | None = None
+        self._weight_swaps = 0
+        self._last_swap_time: float | None = None
+        self._restores = 0
+        self._collapse_restores = 0
+        self._last_stats: dict[str, Any] = {}
+        self._last_step_ms: float | None = None
+        if initial is not None:
+            self._emit_weights()  # the backend still runs the source: hand it the resumed weights
+
+    # -- construction helpers -------------------------------------------------------------------
+
+    def _resume_state(self) -> dict[str, torch.Tensor] | None:
+        a = self.cfg.adapt
+        if a.resume != "adapted" or not a.checkpoint_path:
+            return None
+        path = Path(a.checkpoint_path)
+        if not path.is_file():
+            log.info("adapt.resume=adapted but %s does not exist yet: starting from the source", path)
+            return None
+        net, h = load_checkpoint(path, class_set=self.header.class_set.name, sensor=self.header.sensor)
+        if dataclasses.asdict(h.model) != dataclasses.asdict(self.header.model) or \
+                h.class_set.names != self.header.class_set.names:
+            raise CheckpointError(f"{path}: adapted checkpoint does not match the source model "
+                                  f"(model {dataclasses.asdict(h.model)} vs {dataclasses.asdict(self.header.model)}, "
+                                  f"classes {h.class_set.names} vs {self.header.class_set.names})")
+        self.resumed_from = str(path)
+        log.info("resuming adaptation from %s", path)
+        return {k: v.to(self.device) for k, v in net.state_dict().items()}
+
+    # -- lockstep ---------------------------------------------------------------------------------
+
+    @property
+    def teacher(self) -> torch.nn.Module:
+        """The network being deployed (do not modify; read under no concurrent step)."""
+        return self.method.teacher
+
+    def step(self, frame: Frame) -> dict[str, Any]:
+        """Adapt on one frame: cfg.adapt.steps_per_frame inner steps (capped by the method), then
+        swaps and checkpoints when due. Never raises: a failure is counted and undone, and the
+        returned stats hold ``error``."""
+        with self._lock:
+            t0 = time.perf_counter()
+            index = self._frames
+            self._frames += 1
+            snap = None
+            stats: dict[str, Any] = {}
+            try:
+                snap = self.method.snapshot()
+                batch = make_batch(frame, self.header, self.device, index)
+                rounds = self.cfg.adapt.steps_per_frame
+                if self.method.max_rounds is not None:
+                    rounds = min(rounds, self.method.max_rounds)
+                for r in range(rounds):
+                    batch.round = r
+                    round_stats = self.method.step(batch)
+                    self._after_step(round_stats)
+                    stats.update(round_stats)  # frame-level stats of round 0 + the last round's losses
+                    if batch.cache.get("skip"):  # restored to the source: no more rounds here
+                        break
+                if "stages" in batch.cache:
+                    stats.update(self.quality.add(batch.cache["stages"], batch.gt))
+            except Exception as exc:  # noqa: BLE001 - the adaptation thread must never die
+                self._errors += 1
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                log.error("adaptation step on frame %d failed (rolled back):\n%s", index, traceback.format_exc())
+                if snap is not None:
+                    try:
+                        self.method.rollback(snap)
+                    except Exception:  # noqa: BLE001
+                        log.error("rollback failed:\n%s", traceback.format_exc())
+                stats = {"error": self._last_error}
+            self._last_step_ms = (time.perf_counter() - t0) * 1e3
+            stats["ms"] = self._last_step_ms
+            self._last_stats = stats
+            return stats
+
+    def _after_step(self, stats: dict[str, Any]) -> None:
+        """Counters, weight hand-off and periodic checkpoint after one inner step."""
+        if not self.method.adapts:
+            return
+        self._steps += 1
+        if stats.get("collapse"):
+            self._collapse_restores += 1
+            self._restores += 1
+            log.warning("collapse guard fired (class share %.3f, disagreement with source %.3f): "
+                        "teacher and student restored to the source", stats.get("class_share", float("nan")),
+                        stats.get("disagreement", float("nan")))
+            self._emit_weights()
+        elif self._steps % self.cfg.adapt.swap_every_steps == 0:
+            self._emit_weights()
+        a = self.cfg.adapt
+        if a.checkpoint_path and self._steps % a.checkpoint_every_steps == 0:
+            self.save()
+
+    def _emit_weights(self) -> None:
+        if self.on_weights is None:
+            return
+        try:
+            self.on_weights(self.method.models.teacher_state())
+        except Exception as exc:  # noqa: BLE001 - a failed swap leaves the old weights deployed
+            self._errors += 1
+            self._last_error = f"on_weights: {type(exc).__name__}: {exc}"
+            log.error("weight hand-off failed (old weights stay deployed):\n%s", traceback.format_exc())
+            return
+        self._weight_swaps += 1
+        self._last_swap_time = time.time()
+
+    def reset(self) -> None:
+        """Back to the source weights (all online state cleared) and tell on_weights."""
+        with self._lock:
+            self.method.reset()
+            self._restores += 1
+            self._emit_weights()
+
+    # -- realtime ---------------------------------------------------------------------------------
+
+    def offer(self, frame: Frame) -> None:
+        """Non-blocking hand-over from the inference thread; the oldest frame is dropped when the
+        buffer (cfg.adapt.buffer_frames) is full."""
+        with self._cond:
+            self._frames_offered += 1
+            if len(self._buffer) >= self.cfg.adapt.buffer_frames:
+                self._buffer.popleft()
+                self._frames_dropped += 1
+            self._buffer.append(frame)
+            self._cond.notify()
+
+    def start(self) -> None:
+        """Start the background thread (idempotent)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop_event.clear()
+        self._thread = threading.Thread(target=self._run, name="pl3d-adapt", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop_event.is_set():
+            with self._cond:
+                while not self._buffer and not self._stop_event.is_set():
+                    self._cond.wait(timeout=0.1)
+                if self._stop_event.is_set():
+                    return
+                frame = self._buffer.pop()  # the newest: adapt to where the robot is now
+            try:
+                self.step(frame)
+            except BaseException:  # noqa: BLE001 - step() never raises; belt and braces
+                self._errors += 1
+                self._last_error = traceback.format_exc(limit=1)
+                log.error("adaptation thread: unexpected error:\n%s", traceback.format_exc())
+
+    def stop(self, timeout_s: float = 5.0) -> bool:
+        """Stop the thread (the step in progress finishes) and write the final checkpoint when
+        adapt.checkpoint_path is set -> True when the thread ended within ``timeout_s``."""
+        self._stop_event.set()
+        with self._cond:
+            self._cond.notify_all()
+        stopped = True
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            stopped = not self._thread.is_alive()
+            if stopped:
+                self._thread = None
+        if stopped and self.cfg.adapt.checkpoint_path and self.method.adapts:
+            try:
+                self.save()
+            except Exception:  # noqa: BLE001
+                self._errors += 1
+                self._last_error = traceback.format_exc(limit=1)
+                log.error("final checkpoint failed:\n%s", traceback.format_exc())
+        return stopped
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- reporting and persistence --------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """Counters and the last step's pseudo-label density (and precision where the frame had
+        ground truth)."""
+        with self._cond:
+            buffered = len(self._buffer)
+        last = self._last_stats
+        out: dict[str, Any] = {
+            "method": self.cfg.adapt.method,
+            "running": self.running,
+            "frames": self._frames,
+            "steps": self._steps,
+            "frames_offered": self._frames_offered,
+            "frames_dropped": self._frames_dropped,
+            "buffered": buffered,
+            "errors": self._errors,
+            "last_error": self._last_error,
+            "weight_swaps": self._weight_swaps,
+            "last_swap_time": self._last_swap_time,
+            "restores": self._restores,
+            "collapse_restores": self._collapse_restores,
+            "last_step_ms": self._last_step_ms,
+            "resumed_from": self.resumed_from,
+            "pseudo_label_density": last.get("filtered_density", last.get("base_density")),
+        }
+        for stage in ("base", "refined", "filtered"):
+            for k in ("density", "precision"):
+                key = f"{stage}_{k}"
+                if key in last:
+                    out[key] = last[key]
+        return out
+
+    def pseudo_label_totals(self) -> dict[str, Any]:
+        """Pseudo-label counts summed over every frame stepped (see adapt.quality.QualityTotals)."""
+        return self.quality.report()
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Atomic checkpoint of the teacher (default adapt.checkpoint_path); the header's training
+        dict keeps the source's entries and gets an ``adaptation`` entry."""
+        target = path or self.cfg.adapt.checkpoint_path
+        if not target:
+            raise ValueError("no checkpoint path: pass one or set adapt.checkpoint_path")
+        path = Path(target)
+        with self._lock:
+            a = self.cfg.adapt
+            training = dict(self.header.training)
+            training["adaptation"] = {
+                "method": a.method, "disable": list(a.disable), "trainable": a.trainable,
+                "frames": self._frames, "steps": self._steps, "restores": self._restores,
+                "collapse_restores": self._collapse_restores, "saved_unix_s": time.time(),
+                "resumed_from": self.resumed_from,
+            }
+            header = CheckpointHeader(self.header.model, self.header.class_set, self.header.sensor, training)
+            return save_checkpoint(path, self.method.teacher, header)

@@ -1,0 +1,239 @@
+"""Mean teacher, trainable-parameter selection, stochastic restore and the collapse guard
+(METHODS.md section 5).
+
+BatchNorm. The student runs in train mode: BN normalises with the frame's own batch statistics
+(as TENT, MM-TTA and Latte do at test time) and updates its running statistics with BN's
+momentum, so the running statistics follow the target domain. The teacher is the EMA of the
+student's trainable parameters *and* of its BN running statistics, and always runs in eval mode,
+i.e. with running statistics: exactly what the deployed backend computes (the ONNX export folds
+BN with the running statistics). The teacher produces the pseudo-labels and is what is handed to
+``on_weights`` and checkpointed, so the pseudo-labels always come from the deployed network, and
+the deployed normalisation is the running average of the statistics the affine parameters were
+learned under.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def select_trainable(model: nn.Module, mode: str) -> list[str]:
+    """Set requires_grad for ``mode`` ("norm": affine parameters of normalisation layers, "all":
+    everything) and return the trainable parameter names (in ``named_parameters`` order)."""
+    if mode not in ("norm", "all"):
+        raise ValueError(f"trainable mode must be norm or all, got {mode!r}")
+    names: set[str] = set()
+    if mode == "all":
+        names = {n for n, _ in model.named_parameters()}
+    else:
+        for mname, module in model.named_modules():
+            if isinstance(module, NORM_TYPES):
+                for pname, _ in module.named_parameters(recurse=False):
+                    names.add(f"{mname}.{pname}" if mname else pname)
+    ordered = []
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
+        if n in names:
+            ordered.append(n)
+    return ordered
+
+
+def state_buffers(model: nn.Module) -> list[str]:
+    """Names of the buffers that are part of the state dict (BN running statistics and counters;
+    not the non-persistent input normalisation constants)."""
+    keys = set(model.state_dict().keys())
+    return [n for n, _ in model.named_buffers() if n in keys]
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, params: list[str],
+               buffers: list[str]) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, for ``params`` and the floating
+    ``buffers``; integer buffers (BN's num_batches_tracked) are copied.
+
+    Only the named parameters are averaged: the frozen ones are identical in both networks, and
+    averaging x with itself in float32 is not always exactly x.
+    """
+    tp, sp = dict(teacher.named_parameters()), dict(student.named_parameters())
+    for n in params:
+        tp[n].mul_(momentum).add_(sp[n].detach(), alpha=1.0 - momentum)
+    tb, sb = dict(teacher.named_buffers()), dict(student.named_buffers())
+    for n in buffers:
+        if tb[n].is_floating_point():
+            tb[n].mul_(momentum).add_(sb[n], alpha=1.0 - momentum)
+        else:
+            tb[n].copy_(sb[n])
+
+
+@torch.no_grad()
+def stochastic_restore(student: nn.Module, source: nn.Module, params: list[str], prob: float,
+                       generator: torch.Generator | None = None) -> int:
+    """CoTTA: reset each element of the ``params`` of ``student`` to its ``source`` value with
+    probability ``prob`` -> number of elements reset."""
+    if prob <= 0.0:
+        return 0
+    sp, src = dict(student.named_parameters()), dict(source.named_parameters())
+    restored = 0
+    for n in params:
+        p = sp[n]
+        # drawn on the generator's device (a CPU generator keeps CPU and CUDA runs identical)
+        gen_device = generator.device if generator is not None else p.device
+        mask = (torch.rand(p.shape, generator=generator, device=gen_device) < prob).to(p.device)
+        p.copy_(torch.where(mask, src[n], p))
+        restored += int(mask.sum())
+    return restored
+
+
+def make_optimizer(params: list[nn.Parameter], kind: str, lr: float) -> torch.optim.Optimizer:
+    """adam (TENT's and Latte's choice for online TTA) or sgd with momentum 0.9."""
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    raise ValueError(f"optimizer must be adam or sgd, got {kind!r}")
+
+
+class TeacherStudent:
+    """The frozen source, the trainable student and its EMA teacher, plus their optimizer.
+
+    source: the source network; a private frozen copy (eval mode, requires_grad False) is kept.
+    initial_state: weights to start teacher and student from (a resumed adapted checkpoint);
+    None starts from the source. Restores always go back to ``source``.
+    momentum: teacher EMA momentum; 0 makes the teacher a copy of the student after every step
+    (the TENT and PL baselines, which have no mean teacher).
+    """
+
+    def __init__(self, source: nn.Module, *, trainable: str = "norm", optimizer: str = "adam",
+                 lr: float = 1e-4, momentum: float = 0.999,
+                 initial_state: dict[str, torch.Tensor] | None = None) -> None:
+        self.source = copy.deepcopy(source).eval()  # our own copy: the caller's model is left as is
+        for p in self.source.parameters():
+            p.requires_grad_(False)
+        self.student = copy.deepcopy(source)
+        self.teacher = copy.deepcopy(source)
+        if initial_state is not None:
+            self.student.load_state_dict(initial_state, strict=True)
+            self.teacher.load_state_dict(initial_state, strict=True)
+        self.params = select_trainable(self.student, trainable)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.buffers = state_buffers(self.student)
+        self.student.train()  # batch statistics + running-stat updates (module docstring)
+        self.teacher.eval()
+        self.optimizer_kind, self.lr, self.momentum = optimizer, float(lr), float(momentum)
+        self.optimizer = self._new_optimizer()
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        named = dict(self.student.named_parameters())
+        return make_optimizer([named[n] for n in self.params], self.optimizer_kind, self.lr)
+
+    @property
+    def num_trainable(self) -> int:
+        named = dict(self.student.named_parameters())
+        return sum(named[n].numel() for n in self.params)
+
+    def update_teacher(self) -> None:
+        ema_update(self.teacher, self.student, self.momentum, self.params, self.buffers)
+
+    def restore_elements(self, prob: float, generator: torch.Generator | None = None) -> int:
+        return stochastic_restore(self.student, self.source, self.params, prob, generator)
+
+    @torch.no_grad()
+    def restore_source(self) -> None:
+        """Teacher and student back to the source weights, optimizer state cleared."""
+        state = self.source.state_dict()
+        self.student.load_state_dict(state, strict=True)
+        self.teacher.load_state_dict(state, strict=True)
+        self.optimizer = self._new_optimizer()
+
+    def teacher_state(self) -> dict[str, torch.Tensor]:
+        """The teacher's full state dict as detached CPU copies (safe to hand to another thread)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.teacher.state_dict().items()}
+
+    @torch.no_grad()
+    def snapshot(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Copies of everything a step can change (trainable parameters and state buffers of both
+        networks). Small for trainable=norm."""
+        out = {}
+        for tag, net in (("student", self.student), ("teacher", self.teacher)):
+            named_p, named_b = dict(net.named_parameters()), dict(net.named_buffers())
+            snap = {n: named_p[n].detach().clone() for n in self.params}
+            snap.update({n: named_b[n].detach().clone() for n in self.buffers})
+            out[tag] = snap
+        return out
+
+    @torch.no_grad()
+    def rollback(self, snap: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Back to a ``snapshot``; the optimizer state is cleared (its moments may hold the
+        failed step)."""
+        for tag, net in (("student", self.student), ("teacher", self.teacher)):
+            tensors = {**dict(net.named_parameters()), **dict(net.named_buffers())}
+            for n, v in snap[tag].items():
+                tensors[n].copy_(v)
+        self.optimizer = self._new_optimizer()
+
+
+@dataclass
+class CollapseCheck:
+    """One frame's verdict: shares over the window (NaN until the window is full)."""
+
+    triggered: bool
+    class_share: float
+    source_class_share: float
+    disagreement: float
+
+
+class CollapseGuard:
+    """Section 5.5 over a window of ``window`` frames.
+
+    Per frame it records the histogram of the teacher's predicted classes, the source model's
+    histogram and the number of points where the two disagree. Once the window is full it
+    triggers when
+    - the most frequent teacher class holds more than ``max_class_share`` of the window's points
+      while the source's own most frequent class does not (a scene that really is 96 % road must
+      not restore the source forever), or
+    - the mean disagreement with the source exceeds ``max_disagreement``.
+    The caller restores the networks; the guard clears its window after a trigger.
+    """
+
+    def __init__(self, num_classes: int, window: int, max_class_share: float, max_disagreement: float) -> None:
+        self.num_classes = int(num_classes)
+        self.window = int(window)
+        self.max_class_share = float(max_class_share)
+        self.max_disagreement = float(max_disagreement)
+        self._frames: deque[tuple[np.ndarray, np.ndarray, int, int]] = deque(maxlen=self.window)
+        self.triggers = 0
+
+    def reset(self) -> None:
+        self._frames.clear()
+
+    def observe(self, teacher_labels: torch.Tensor | np.ndarray, source_labels: torch.Tensor | np.ndarray) -> CollapseCheck:
+        """teacher_labels, source_labels: (N,) int predicted classes of one frame -> CollapseCheck."""
+        t = np.asarray(teacher_labels.cpu() if isinstance(teacher_labels, torch.Tensor) else teacher_labels, np.int64)
+        s = np.asarray(source_labels.cpu() if isinstance(source_labels, torch.Tensor) else source_labels, np.int64)
+        self._frames.append((np.bincount(t, minlength=self.num_classes),
+                             np.bincount(s, minlength=self.num_classes),
+                             int(np.count_nonzero(t != s)), int(t.size)))
+        if len(self._frames) < self.window:
+            nan = float("nan")
+            return CollapseCheck(False, nan, nan, nan)
+        hist_t = sum(f[0] for f in self._frames)
+        hist_s = sum(f[1] for f in self._frames)
+        n = max(1, sum(f[3] for f in self._frames))
+        share_t = float(hist_t.max() / n)
+        share_s = float(hist_s.max() / n)
+        disagreement = float(sum(f[2] for f in self._frames) / n)
+        triggered = ((share_t > self.max_class_share and share_s <= self.max_class_share)
+                     or disagreement > self.max_disagreement)
+        if triggered:
+            self.triggers += 1
+            self._frames.clear()
+        return CollapseCheck(triggered, share_t, share_s, disagreement)

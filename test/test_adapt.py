@@ -1,0 +1,301 @@
+"""The adapter and the methods end to end on small synthetic frames with a tiny network."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from pl3d_ros.adapt import Adapter, build_method
+from pl3d_ros.adapt.batch import make_batch
+from pl3d_ros.config import AdaptConfig, Config, RefineConfig
+from pl3d_ros.frame import CameraModel, Frame
+from pl3d_ros.models.checkpoint import read_header
+from test_models_runtime import SENSOR, SMALL, header, small_model
+
+ROAD, CAR, BUILDING = 40, 10, 50  # SemanticKITTI raw ids (xmuda10: road=4, car=0, building=7)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny tensors: one intra-op thread. On a loaded 2-core machine two OpenMP threads spin-wait
+    for each other and a 50 ms step takes seconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def synthetic_frame(seed: int = 0, n: int = 1500, seq: int = 0) -> Frame:
+    """A 128x64 camera looking along the LiDAR's +x over a ground ring, a car-sized box and a wall.
+
+    The image is a mosaic of 16x16 tiles of random colours, so superpixels find ~32 masks of
+    ~3 % of the image each (under MLA's 25 % area cap). Ground truth in raw SemanticKITTI ids.
+    """
+    g = np.random.default_rng(seed)
+    K = np.array([[60.0, 0, 63.5], [0, 60.0, 31.5], [0, 0, 1]])
+    T = np.eye(4)
+    T[:3, :3] = [[0, -1, 0], [0, 0, -1], [1, 0, 0]]  # LiDAR x fwd, y left, z up -> optical frame
+    cam = CameraModel(K, 128, 64, T)
+    m = n // 5
+    k = n - 2 * m
+    r, az = g.uniform(3, 25, k), g.uniform(-np.pi, np.pi, k)
+    ground = np.stack([r * np.cos(az), r * np.sin(az), -1.7 + g.normal(0, 0.02, k), g.uniform(0, 1, k)], 1)
+    car = np.stack([g.uniform(8, 10, m), g.uniform(-1, 1, m), g.uniform(-1.7, -0.2, m), g.uniform(0, 1, m)], 1)
+    wall = np.stack([np.full(m, 20.0), g.uniform(-10, 10, m), g.uniform(-1.7, 3, m), g.uniform(0, 1, m)], 1)
+    points = np.concatenate([ground, car, wall]).astype(np.float32)
+    labels = np.concatenate([np.full(k, ROAD), np.full(m, CAR), np.full(m, BUILDING)]).astype(np.uint32)
+    tiles = g.integers(0, 256, (4, 8, 3))
+    image = np.repeat(np.repeat(tiles, 16, 0), 16, 1).astype(np.uint8)
+    return Frame(1_000_000_000 + seq * 100_000_000, points, image, cam, labels, seq=seq)
+
+
+def make_cfg(refine: bool = False, **adapt) -> Config:
+    """The tiny test network's config. refine=False switches mask refinement off (no mla)."""
+    adapt.setdefault("disable", [] if refine else ["mla"])
+    return Config(class_set="xmuda10", sensor=SENSOR, model=SMALL, adapt=AdaptConfig(**adapt),
+                  refine=RefineConfig(mask_provider="superpixel", superpixel_scale=10.0,
+                                      superpixel_min_size=20)).validate()
+
+
+def confident_model(seed: int = 0):
+    """The tiny network leaning towards road (class 4), so pseudo-labels and masks agree."""
+    model = small_model(seed)
+    with torch.no_grad():
+        model.image.head.bias[4] += 2.0
+        model.range.head.bias[4] += 2.0
+    return model
+
+
+def bn_weights(net) -> torch.Tensor:
+    return torch.cat([m.weight.detach().flatten() for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)])
+
+
+def test_full_every_component_on_with_superpixels():
+    pytest.importorskip("skimage")
+    cfg = make_cfg(refine=True, negative_rounds=2, steps_per_frame=2)
+    assert all(cfg.adapt.enabled(c) for c in ("mla", "gapp", "connectivity", "negative", "erda", "xm",
+                                               "restore", "guard"))
+    ad = Adapter(confident_model(), header(), cfg, seed=0)
+    source_bn = bn_weights(ad.method.models.source)
+    stats = {}
+    for i in range(2):
+        stats = ad.step(synthetic_frame(i, seq=i))
+        assert "error" not in stats, stats
+    h = ad.health()
+    assert h["errors"] == 0 and h["steps"] == 4 and h["frames"] == 2
+    # masks were used, propagated, and the connectivity filter judged components
+    assert stats["refine_masks_kept"] > 0 and stats["refine_points_added"] > 0
+    assert stats["connectivity_components"] > 0
+    assert h["refined_density"] > h["base_density"] > 0
+    assert 0.0 <= h["base_precision"] <= 1.0 and h["refined_precision"] is not None
+    for key in ("loss_ce", "loss_negative", "loss_erda", "loss_xm"):
+        assert np.isfinite(stats[key])
+    assert not torch.equal(bn_weights(ad.teacher), source_bn)
+    totals = ad.pseudo_label_totals()
+    assert totals["frames"] == 2 and totals["refined"]["labeled"] >= totals["base"]["labeled"]
+    assert totals["filtered"]["labeled"] <= totals["refined"]["labeled"]
+    assert len(totals["base"]["per_class"]["correct"]) == 10
+
+
+def test_teacher_changes_and_on_weights_every_m_steps():
+    calls = []
+    cfg = make_cfg(swap_every_steps=2)
+    ad = Adapter(confident_model(), header(), cfg, on_weights=calls.append, seed=0)
+    src = ad.method.models.source
+    for i in range(4):
+        ad.step(synthetic_frame(i, seq=i))
+    assert len(calls) == 2 and ad.health()["weight_swaps"] == 2
+    state = calls[-1]
+    assert set(state) == set(src.state_dict()) and all(v.device.type == "cpu" for v in state.values())
+    teacher = ad.teacher.state_dict()
+    assert all(torch.equal(state[k], teacher[k]) for k in state)
+    assert not torch.equal(bn_weights(ad.teacher), bn_weights(src))
+    # what is deployed was learned: BN running statistics moved to the target frames' statistics
+    key = next(k for k in state if k.endswith("running_mean"))
+    assert not torch.equal(state[key], src.state_dict()[key])
+    assert ad.health()["errors"] == 0
+
+
+def test_adapter_survives_an_exception_in_a_step_and_rolls_back():
+    ad = Adapter(confident_model(), header(), make_cfg(), seed=0)
+    real_step = ad.method.step
+    calls = {"n": 0}
+
+    def flaky(batch):
+        calls["n"] += 1
+        out = real_step(batch)  # the update happens, then the failure: it must be undone
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return out
+
+    ad.method.step = flaky
+    before = {k: v.clone() for k, v in ad.teacher.state_dict().items()}
+    stats = ad.step(synthetic_frame(0))
+    assert stats["error"] == "RuntimeError: boom"
+    assert all(torch.equal(before[k], v) for k, v in ad.teacher.state_dict().items())
+    assert "error" not in ad.step(synthetic_frame(1, seq=1))
+    h = ad.health()
+    assert h["errors"] == 1 and h["last_error"] == "RuntimeError: boom" and h["steps"] == 1 and h["frames"] == 2
+
+
+def test_background_thread_keeps_going_after_errors():
+    ad = Adapter(confident_model(), header(), make_cfg(method="tent"), seed=0)
+    real_step = ad.method.step
+    calls = {"n": 0}
+
+    def flaky(batch):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ValueError("bad frame")
+        return real_step(batch)
+
+    ad.method.step = flaky
+    ad.start()
+    assert ad.running
+    deadline = time.monotonic() + 15.0
+    i = 0
+    while ad.health()["steps"] < 1 and time.monotonic() < deadline:
+        ad.offer(synthetic_frame(i, seq=i))
+        i += 1
+        time.sleep(0.05)
+    assert ad.stop(10.0)
+    h = ad.health()
+    assert h["errors"] == 1 and h["steps"] >= 1 and not h["running"]
+
+
+def test_offer_drops_the_oldest_when_full():
+    ad = Adapter(small_model(), header(), make_cfg(buffer_frames=2, method="source"))
+    frames = [synthetic_frame(i, n=200, seq=i) for i in range(3)]
+    for f in frames:
+        ad.offer(f)
+    h = ad.health()
+    assert h["frames_offered"] == 3 and h["frames_dropped"] == 1 and h["buffered"] == 2
+    assert [f.seq for f in ad._buffer] == [1, 2]
+
+
+def test_collapse_guard_restores_the_source():
+    calls = []
+    cfg = make_cfg(collapse_window=2, swap_every_steps=100)
+    ad = Adapter(small_model(), header(), cfg, on_weights=calls.append, seed=0)
+    # a collapsed network: every point is class 0, whatever the input
+    for net in (ad.method.models.teacher, ad.method.models.student):
+        with torch.no_grad():
+            net.image.head.bias[0] += 100.0
+            net.range.head.bias[0] += 100.0
+    s0 = ad.step(synthetic_frame(0))
+    assert not s0["collapse"]  # the window is not full yet
+    s1 = ad.step(synthetic_frame(1, seq=1))
+    assert s1["collapse"] and s1["class_share"] == 1.0
+    h = ad.health()
+    assert h["collapse_restores"] == 1 and h["restores"] == 1 and h["errors"] == 0
+    src = ad.method.models.source.state_dict()
+    assert all(torch.equal(v, src[k]) for k, v in ad.teacher.state_dict().items())
+    assert len(calls) == 1 and all(torch.equal(v, src[k]) for k, v in calls[0].items())
+    assert not ad.step(synthetic_frame(2, seq=2))["collapse"]
+
+
+def test_lockstep_is_deterministic_with_a_seed():
+    pytest.importorskip("skimage")
+    cfg = make_cfg(refine=True, restore_prob=0.3)  # restore draws random numbers every step
+
+    def run(seed):
+        ad = Adapter(confident_model(), header(), cfg, seed=seed)
+        for i in range(2):
+            assert "error" not in ad.step(synthetic_frame(i, seq=i))
+        return ad.teacher.state_dict()
+
+    a, b, c = run(7), run(7), run(8)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_checkpoint_save_and_resume(tmp_path):
+    path = tmp_path / "adapted.safetensors"
+    cfg = make_cfg(checkpoint_path=str(path), checkpoint_every_steps=2)
+    ad = Adapter(confident_model(), header(), cfg, seed=0)
+    ad.step(synthetic_frame(0))
+    assert not path.exists()
+    ad.step(synthetic_frame(1, seq=1))
+    assert path.exists()
+    info = read_header(path).training
+    assert info["note"] == "test" and info["adaptation"]["steps"] == 2 and info["adaptation"]["method"] == "full"
+    assert ad.stop(1.0)  # never started: still writes the final checkpoint
+    saved = {k: v.clone() for k, v in ad.teacher.state_dict().items()}
+
+    calls = []
+    cfg2 = make_cfg(checkpoint_path=str(path), resume="adapted")
+    ad2 = Adapter(confident_model(), header(), cfg2, on_weights=calls.append)
+    assert ad2.health()["resumed_from"] == str(path)
+    assert all(torch.equal(saved[k], v) for k, v in ad2.teacher.state_dict().items())
+    assert len(calls) == 1  # the backend gets the resumed weights at once
+    ad2.reset()  # back to the true source, not the checkpoint
+    src = confident_model().state_dict()
+    assert all(torch.equal(src[k], v) for k, v in ad2.teacher.state_dict().items())
+    assert len(calls) == 2 and ad2.health()["restores"] == 1
+    # missing checkpoint: start from the source
+    cfg3 = make_cfg(checkpoint_path=str(tmp_path / "none.safetensors"), resume="adapted")
+    assert Adapter(confident_model(), header(), cfg3).health()["resumed_from"] is None
+
+
+@pytest.mark.parametrize("method", ["source", "tent", "pl"])
+def test_baselines_step(method):
+    calls = []
+    ad = Adapter(confident_model(), header(), make_cfg(method=method, swap_every_steps=1, steps_per_frame=3),
+                 on_weights=calls.append)
+    src_bn = bn_weights(ad.method.models.source)
+    stats = ad.step(synthetic_frame(0))
+    assert "error" not in stats
+    h = ad.health()
+    if method == "source":
+        assert h["steps"] == 0 and not calls and torch.equal(bn_weights(ad.teacher), src_bn)
+        return
+    assert h["steps"] == (1 if method == "tent" else 3)  # TENT: one step per frame
+    assert len(calls) == h["steps"]
+    assert not torch.equal(bn_weights(ad.teacher), src_bn)
+    if method == "pl":
+        assert 0 < h["base_density"] < 1 and h["base_precision"] is not None
+        # no mean teacher: the deployed network is the adapted student
+        assert torch.equal(bn_weights(ad.teacher), bn_weights(ad.method.models.student))
+
+
+def test_negative_learning_uses_a_new_class_each_round():
+    cfg = make_cfg(steps_per_frame=3, negative_rounds=2, negative_max_prob=1.0)
+    method = build_method(cfg, confident_model(), header())
+    batch = make_batch(synthetic_frame(0), header(), "cpu")
+    picked = []
+    for r in range(3):
+        batch.round = r
+        stats = method.step(batch)
+        picked.append(batch.cache["full"]["used"].sum(1).clone())
+        assert ("loss_negative" in stats) == (r < 2)  # at most negative_rounds rounds per frame
+    unreliable_any = picked[0] > 0
+    assert unreliable_any.any()
+    # every point that got a class in round 0 has two distinct classes after round 1
+    assert torch.all(picked[1][unreliable_any] == 2) and torch.equal(picked[2], picked[1])
+
+
+def test_make_batch_matches_the_segmenter_inputs_and_gt():
+    from pl3d_ros.pipeline import Segmenter
+
+    f = synthetic_frame(0)
+    b = make_batch(f, header(), "cpu")
+    prep = Segmenter(None, header()).preprocess(f)
+    assert torch.equal(b.range_image, torch.from_numpy(prep.inputs["range_image"]))
+    assert b.uv.shape == (int(prep.in_view.sum()), 2) and b.num_points == f.num_points
+    assert set(b.gt.unique().tolist()) == {0, 4, 7}  # car, road, building
+    pix, depth, iv = b.camera_projection()
+    assert pix.shape == (f.num_points, 2) and iv.sum() > 0 and np.all(depth[iv] > 0)
+
+
+def test_threads_do_not_block_offer():
+    ad = Adapter(confident_model(), header(), make_cfg(method="tent", buffer_frames=1))
+    ad.start()
+    t0 = time.perf_counter()
+    for i in range(20):
+        ad.offer(synthetic_frame(0, n=200, seq=i))
+    assert time.perf_counter() - t0 < 1.0  # offer never waits for a step
+    assert ad.stop(10.0)
+    h = ad.health()
+    # every frame offered was dropped, stepped, or is still waiting
+    assert h["frames_offered"] == 20 and h["frames_dropped"] + h["frames"] + h["buffered"] == 20

@@ -59,6 +59,7 @@ setup(
     entry_points={
         "console_scripts": [
             "pl3d = pl3d_ros.cli:main",
+            "pl3d_node = pl3d_ros.node:main",
         ],
     },
 )

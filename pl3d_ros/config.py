@@ -260,7 +260,7 @@ class RuntimeConfig:
     device: str = ""  # torch backend device (cpu, cuda, cuda:1); "" = cuda when available
     engine_cache_dir: str = ""  # TensorRT engine cache; "" = the user's cache directory
     force_rebuild: bool = False  # rebuild the TensorRT engine even when a cached one fits
-    threads: int = 0  # inference CPU threads; 0 = all cores, less adapt_threads while adapting
+    threads: int = 0  # inference CPU threads; 0 = all (less adapt_threads if adapting unniced)
     adapt_threads: int = 1  # torch intra-op threads of the adaptation thread
     adapt_nice: int = 10  # nice increment of the adaptation threads (Linux), 0 = same priority
 
@@ -345,7 +345,6 @@ class NodeConfig:
     debug_topics: bool = True  # publish ~/debug/processing_time/*, pipeline latency, cyclic time
     intensity_field: str = ""  # cloud field read as intensity; "" = intensity, i or reflectivity
     stop_timeout_s: float = 5.0  # bound on joining the inference and adaptation threads
-    save_on_shutdown: bool = True  # checkpoint the adapted model to adapt.checkpoint_path
 
     def validate(self) -> None:
         for name in ("max_allowed_processing_time_ms", "max_acceptable_consecutive_delay_ms",

@@ -189,8 +189,6 @@ def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_di
     finally:
         if bag:
             bag.close(ok)
-        if adapter is not None and opts.mode == "realtime":
-            adapter.stop(10.0)
     wall_s = time.perf_counter() - t_start
 
     health = adapter.health() if adapter is not None else {}
@@ -230,10 +228,12 @@ def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_di
 
 
 def _run_realtime(seg: Segmenter, adapter, frames, record, cfg: Config) -> dict[str, Any]:
-    """Feed frames at their recorded rate into the node's runner (inference + adaptation threads)."""
-    from pl3d_ros.runner import Runner
+    """Feed frames at their recorded rate into the node's runner (inference + adaptation threads,
+    same thread budget and priorities as the node); frames that arrive while inference is busy
+    replace the waiting one and are counted as dropped, as on a robot."""
+    from pl3d_ros.runner import Runner, RunnerSettings
 
-    runner = Runner(seg, adapter, on_output=record, config=cfg)
+    runner = Runner(seg, record, adapter, settings=RunnerSettings.from_config(cfg, adapter is not None))
     runner.start()
     try:
         t0_wall, t0_stamp = None, None
@@ -244,10 +244,15 @@ def _run_realtime(seg: Segmenter, adapter, frames, record, cfg: Config) -> dict[
             if delay > 0:
                 time.sleep(delay)
             runner.submit(frame)
-        runner.drain(timeout_s=30.0)
+        deadline = time.perf_counter() + 60.0
+        while time.perf_counter() < deadline:  # let the last frame through inference
+            h = runner.health()
+            if h.pending == 0 and h.in_flight == 0:
+                break
+            time.sleep(0.05)
     finally:
         runner.stop(timeout_s=10.0)
-    return runner.health()
+    return runner.health().to_dict()
 
 
 def markdown_report(metrics: dict[str, Any], names: list[str] | tuple[str, ...]) -> str:

@@ -1,0 +1,362 @@
+"""The pl3d_ros ROS 2 node: parameters, subscriptions, publishers, services, diagnostics.
+
+    ros2 run pl3d_ros pl3d_node --ros-args --params-file config/pl3d.yaml \\
+        -p runtime.model:=model.safetensors -r ~/input/image:=/camera/image_raw ...
+    ros2 launch pl3d_ros pl3d.launch.py model:=model.safetensors
+
+Thin glue, and the only module that imports rclpy, message_filters, tf2_ros, diagnostic_updater,
+std_srvs or the ROS message packages. Everything that decides something lives in ROS-free code
+the tests run: ``runner.py`` (inference thread, latest-frame slot, health, CPU budget, parameter
+specs, QoS presets, extrinsics cache, messages -> Frame, Prediction -> output arrays, building the
+segmenter and adapter) and ``io/ros_msgs.py`` (every message layout).
+
+Threads: a SingleThreadedExecutor runs the subscriptions (the synchronizer callback only converts
+a synced set into a Frame and puts it in the runner's depth-1 slot), the tf2 retry timer, the
+services and the diagnostics timer; the runner's inference thread publishes the outputs and the
+debug topics (publishing from a non-executor thread is allowed); the adapter has its own thread.
+
+Topics (relative to the node, remappable):
+    in   ~/input/image, ~/input/camera_info, ~/input/pointcloud   (QoS: qos.input)
+    out  ~/output/pointcloud/segmentation    x y z intensity label(uint8) confidence(float32)
+         ~/output/pointcloud/visualization   the same + rgb (packed float32)   (QoS: qos.output)
+         ~/debug/processing_time/{preprocess,inference,postprocess,output,total}_ms,
+         ~/debug/pipeline_latency_ms, ~/debug/cyclic_time_ms   (std_msgs/Float64)
+    /diagnostics: "processing_time" and "adaptation"
+Services: ~/reset_adaptation, ~/save_checkpoint (std_srvs/Trigger).
+"""
+
+from __future__ import annotations
+
+import array
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import message_filters
+import numpy as np
+import rclpy
+import rclpy.logging
+import rclpy.time
+import tf2_ros
+from builtin_interfaces.msg import Time
+from diagnostic_msgs.msg import DiagnosticStatus
+from geometry_msgs.msg import Quaternion, Transform, TransformStamped, Vector3
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField, RegionOfInterest
+from std_msgs.msg import Float64, Header
+from std_srvs.srv import Trigger
+from tf2_msgs.msg import TFMessage
+
+from pl3d_ros.config import Config, ConfigError
+from pl3d_ros.frame import FrameError
+from pl3d_ros.io.ros_msgs import MessageError, MessageFactory, make_cloud, make_header
+from pl3d_ros.runner import (Extrinsics, FrameTiming, Runner, RunnerSettings, ThreadBudget,
+                             build_adapter, build_segmenter, config_from_parameters,
+                             frame_from_messages, output_arrays, parameter_specs, qos_settings,
+                             read_yaml_comments)
+
+NODE_NAME = "pl3d_node"
+DEBUG_STAGES = ("preprocess", "inference", "postprocess", "output", "total")
+_LEVELS = {0: DiagnosticStatus.OK, 1: DiagnosticStatus.WARN, 2: DiagnosticStatus.ERROR}
+
+
+@dataclass(frozen=True)
+class RclpyMessageFactory(MessageFactory):
+    """ros_msgs' builders, making rclpy messages.
+
+    rclpy's uint8[] setter keeps an ``array.array('B')`` as is but checks any other value element
+    by element; ``frombytes`` fills one from the numpy buffer in a single copy (the
+    ``array.array('B', memoryview(...))`` constructor iterates, ~40x slower for a cloud).
+    """
+
+    def bytes_field(self, data: np.ndarray) -> Any:
+        out = array.array("B")
+        out.frombytes(np.ascontiguousarray(data, dtype=np.uint8).reshape(-1))
+        return out
+
+
+def rclpy_factory() -> RclpyMessageFactory:
+    return RclpyMessageFactory(
+        Header=Header, Time=Time, PointCloud2=PointCloud2, PointField=PointField, Image=Image,
+        CameraInfo=CameraInfo, RegionOfInterest=RegionOfInterest, TFMessage=TFMessage,
+        TransformStamped=TransformStamped, Transform=Transform, Vector3=Vector3,
+        Quaternion=Quaternion,
+    )
+
+
+def make_qos(preset: str, depth: int) -> QoSProfile:
+    """rclpy QoSProfile of a ``qos.*`` preset (mapping in runner.qos_settings)."""
+    s = qos_settings(preset, depth)
+    return QoSProfile(
+        depth=s["depth"], history=HistoryPolicy.KEEP_LAST,
+        reliability=(ReliabilityPolicy.RELIABLE if s["reliability"] == "reliable"
+                     else ReliabilityPolicy.BEST_EFFORT),
+        durability=DurabilityPolicy.VOLATILE,
+    )
+
+
+def _parameter_descriptions() -> dict[str, str]:
+    """Comments of the installed config/pl3d.yaml (source tree as a fallback): one text for the
+    file and for ``ros2 param describe``."""
+    candidates = []
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        candidates.append(Path(get_package_share_directory("pl3d_ros")) / "config" / "pl3d.yaml")
+    except Exception:  # not installed with colcon: the source tree's copy
+        pass
+    candidates.append(Path(__file__).resolve().parents[1] / "config" / "pl3d.yaml")
+    for path in candidates:
+        if path.is_file():
+            try:
+                return read_yaml_comments(path)
+            except OSError:
+                continue
+    return {}
+
+
+class Pl3dNode(Node):
+    """Glue between ROS and the Runner (module docstring)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(NODE_NAME, **kwargs)
+        self.cfg = self._declare_and_read_parameters()
+        cfg = self.cfg
+        log = self.get_logger()
+
+        adapting = cfg.adapt.method != "source"
+        budget = ThreadBudget.from_config(cfg, adapting)
+        self.segmenter, model = build_segmenter(cfg, threads=budget.inference_threads)
+        self.class_set = self.segmenter.header.class_set
+        adapter = None
+        if adapting:
+            try:
+                adapter = build_adapter(cfg, self.segmenter, model)
+            except Exception as exc:  # labels first: run without adaptation rather than not at all
+                log.error(f"adaptation ({cfg.adapt.method}) unavailable, running the source model: "
+                          f"{type(exc).__name__}: {exc}")
+        self.factory = rclpy_factory()
+        self.extrinsics = Extrinsics.from_config(cfg)
+        self._seq = 0
+        self._waiting_tf = 0
+        self._rejected = 0
+
+        out_qos = make_qos(cfg.qos.output, cfg.qos.output_depth)
+        self.pub_seg = self.create_publisher(PointCloud2, "~/output/pointcloud/segmentation", out_qos)
+        self.pub_vis = self.create_publisher(PointCloud2, "~/output/pointcloud/visualization", out_qos)
+        self.pub_debug: dict[str, Any] = {}
+        if cfg.node.debug_topics:
+            for stage in DEBUG_STAGES:
+                self.pub_debug[stage] = self.create_publisher(
+                    Float64, f"~/debug/processing_time/{stage}_ms", 1)
+            self.pub_debug["latency"] = self.create_publisher(Float64, "~/debug/pipeline_latency_ms", 1)
+            self.pub_debug["cyclic"] = self.create_publisher(Float64, "~/debug/cyclic_time_ms", 1)
+
+        self.runner = Runner(
+            self.segmenter, self._publish, adapter,
+            settings=RunnerSettings.from_config(cfg, adapting=adapter is not None),
+            on_timing=self._publish_timing if self.pub_debug else None,
+            stamp_clock=lambda: self.get_clock().now().nanoseconds,  # follows /clock with sim time
+        )
+
+        if self.extrinsics.static is None:
+            self.tf_buffer = tf2_ros.Buffer()
+            self.tf_listener = tf2_ros.TransformListener(self.tf_buffer, self)
+            self.tf_timer = self.create_timer(cfg.frames.tf_retry_s, self._lookup_transforms)
+
+        in_qos = make_qos(cfg.qos.input, cfg.qos.input_depth)  # explicit: the default is RELIABLE
+        self.subs = [
+            message_filters.Subscriber(self, Image, cfg.topics.image, qos_profile=in_qos),
+            message_filters.Subscriber(self, CameraInfo, cfg.topics.camera_info, qos_profile=in_qos),
+            message_filters.Subscriber(self, PointCloud2, cfg.topics.pointcloud, qos_profile=in_qos),
+        ]
+        self.sync = message_filters.ApproximateTimeSynchronizer(
+            self.subs, cfg.sync.queue_size, cfg.sync.slop_s)
+        self.sync.registerCallback(self._on_synced)
+
+        self.create_service(Trigger, "~/reset_adaptation", self._srv_reset)
+        self.create_service(Trigger, "~/save_checkpoint", self._srv_save)
+        self._setup_diagnostics()
+        log.info(f"backend {cfg.runtime.backend}, classes {self.class_set.name}, adaptation "
+                 f"{'on (' + cfg.adapt.method + ')' if adapter else 'off'}, threads {budget}; "
+                 f"inputs {[s.sub.topic_name for s in self.subs]}")
+
+    # -- parameters ---------------------------------------------------------------------------------
+
+    def _declare_and_read_parameters(self) -> Config:
+        """Declare every Config leaf (read-only: settings are read once), read back, validate."""
+        specs = parameter_specs(descriptions=_parameter_descriptions())
+        declarations = []
+        for spec in specs:
+            descriptor = ParameterDescriptor(description=spec.description, read_only=True)
+            # An empty-list default would be inferred as BYTE_ARRAY: declare those by type.
+            second = Parameter.Type[spec.type_name] if spec.declare_by_type else spec.ros_default
+            declarations.append((spec.name, second, descriptor))
+        declared = self.declare_parameters("", declarations)
+        return config_from_parameters({p.name: p.value for p in declared}, specs)
+
+    # -- input ----------------------------------------------------------------------------------------
+
+    def _on_synced(self, image: Image, info: CameraInfo, cloud: PointCloud2) -> None:
+        """Synced set -> Frame -> the runner's slot. Runs inside the synchronizer's lock: cheap."""
+        camera, lidar = self.extrinsics.frames(info.header.frame_id or image.header.frame_id,
+                                               cloud.header.frame_id)
+        T = self.extrinsics.get(camera, lidar)
+        if T is None:
+            self._waiting_tf += 1
+            self.get_logger().warn(f"waiting for the transform {lidar} -> {camera} (tf2, or set "
+                                   "frames.static_extrinsics); frame skipped",
+                                   throttle_duration_sec=5.0)
+            return
+        try:
+            frame = frame_from_messages(image, info, cloud, T, seq=self._seq,
+                                        intensity_field=self.cfg.node.intensity_field or None,
+                                        camera_frame=camera)
+        except (FrameError, MessageError) as exc:
+            self._rejected += 1
+            self.get_logger().warn(f"synced set rejected: {exc}", throttle_duration_sec=5.0)
+            return
+        self._seq += 1
+        self.runner.submit(frame)
+
+    def _lookup_transforms(self) -> None:
+        """Timer: look up wanted camera <- LiDAR transforms (latest, non-blocking), cache them."""
+        for camera, lidar in self.extrinsics.wanted():
+            try:
+                ts = self.tf_buffer.lookup_transform(camera, lidar, rclpy.time.Time())
+            except tf2_ros.TransformException as exc:
+                self.get_logger().warn(f"transform {lidar} -> {camera} not available yet: {exc}",
+                                       throttle_duration_sec=5.0)
+                continue
+            try:
+                self.extrinsics.store_transform(ts)
+            except (FrameError, MessageError) as exc:
+                self.get_logger().error(f"transform {lidar} -> {camera} unusable: {exc}",
+                                        throttle_duration_sec=5.0)
+                continue
+            self.get_logger().info(f"extrinsics {lidar} -> {camera} found in tf2 and cached")
+
+    # -- output (inference thread) ------------------------------------------------------------------
+
+    def _publish(self, frame: Any, prediction: Any) -> None:
+        want_seg = self.pub_seg.get_subscription_count() > 0
+        want_vis = self.pub_vis.get_subscription_count() > 0
+        if not (want_seg or want_vis):
+            return
+        seg, vis = output_arrays(frame, prediction, self.class_set, segmentation=want_seg,
+                                 visualization=want_vis)
+        header = make_header(self.factory, frame.stamp_ns, frame.lidar_frame_id)
+        if seg is not None:
+            self.pub_seg.publish(make_cloud(self.factory, header, seg))
+        if vis is not None:
+            self.pub_vis.publish(make_cloud(self.factory, header, vis))
+
+    def _publish_timing(self, timing: FrameTiming) -> None:
+        for stage, ms in timing.stages_ms.items():
+            pub = self.pub_debug.get(stage)
+            if pub is not None:
+                pub.publish(Float64(data=float(ms)))
+        if timing.pipeline_latency_ms is not None:
+            self.pub_debug["latency"].publish(Float64(data=float(timing.pipeline_latency_ms)))
+        if timing.cyclic_ms is not None:
+            self.pub_debug["cyclic"].publish(Float64(data=float(timing.cyclic_ms)))
+
+    # -- services --------------------------------------------------------------------------------------
+    # They run on the executor thread and wait for an adaptation step in progress to finish.
+
+    def _srv_reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        try:
+            self.runner.reset_adaptation()
+            response.success, response.message = True, "adaptation reset to the source model"
+        except Exception as exc:
+            response.success, response.message = False, f"{type(exc).__name__}: {exc}"
+        return response
+
+    def _srv_save(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        try:
+            path = self.runner.save_adaptation(self.cfg.adapt.checkpoint_path or None)
+            response.success, response.message = True, f"saved {path}"
+        except Exception as exc:
+            response.success, response.message = False, f"{type(exc).__name__}: {exc}"
+        return response
+
+    # -- diagnostics -----------------------------------------------------------------------------------
+
+    def _setup_diagnostics(self) -> None:
+        from diagnostic_updater import Updater
+
+        period = self.cfg.node.diagnostics_period_s
+        try:
+            self.updater = Updater(self, period=period)
+        except TypeError:  # older diagnostic_updater: no period argument, no own timer
+            self.updater = Updater(self)
+            self.create_timer(period, self.updater.update)
+        self.updater.setHardwareID("pl3d_ros")
+        self.updater.add("processing_time", self._diag_processing)
+        self.updater.add("adaptation", self._diag_adaptation)
+
+    def _diag_processing(self, stat: Any) -> Any:
+        health = self.runner.health()
+        level, message = health.processing_status()
+        stat.summary(_LEVELS[level], message)
+        for key, value in health.processing_values().items():
+            stat.add(key, value)
+        stat.add("frames_waiting_for_tf", str(self._waiting_tf))
+        stat.add("synced_sets_rejected", str(self._rejected))
+        return stat
+
+    def _diag_adaptation(self, stat: Any) -> Any:
+        health = self.runner.health()
+        level, message = health.adaptation_status()
+        stat.summary(_LEVELS[level], message)
+        for key, value in health.adaptation_values().items():
+            stat.add(key, value)
+        return stat
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.runner.start()
+
+    def shutdown(self) -> None:
+        """Stop the threads within node.stop_timeout_s; the adapter writes its final checkpoint
+        to adapt.checkpoint_path (when set) as it stops."""
+        if not self.runner.stop(self.cfg.node.stop_timeout_s):
+            self.get_logger().warn(f"threads did not stop within {self.cfg.node.stop_timeout_s} s")
+
+
+def main(args: list[str] | None = None) -> int:
+    """Entry point of ``ros2 run pl3d_ros pl3d_node`` (console script ``pl3d_node``)."""
+    rclpy.init(args=args)
+    node: Pl3dNode | None = None
+    try:
+        try:
+            node = Pl3dNode()
+        except ConfigError as exc:
+            rclpy.logging.get_logger(NODE_NAME).fatal(f"invalid configuration: {exc}")
+            return 2
+        except Exception as exc:  # unreadable model, missing backend, ...: say what, then leave
+            rclpy.logging.get_logger(NODE_NAME).fatal(f"cannot start: {type(exc).__name__}: {exc}")
+            return 1
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
+        node.start()
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            node.shutdown()
+            node.destroy_node()
+        if rclpy.ok():
+            rclpy.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1073,7 +1073,8 @@ def build_segmenter(cfg: Config, threads: int = 0) -> tuple[Any, Any]:
     model, header = load_checkpoint(resolve_model(rt.model), class_set=cfg.class_set,
                                     sensor=cfg.sensor)
     backend = create_backend(rt.backend, model, header, threads=threads, precision=rt.precision,
-                             cache_dir=rt.engine_cache_dir or None, device=rt.device or None)
+                             cache_dir=rt.engine_cache_dir or None, device=rt.device or None,
+                             force_rebuild=rt.force_rebuild)
     return Segmenter(backend, header), model
 
 

@@ -827,7 +827,9 @@ class MessageFactory:
     The default hooks return numpy arrays, which is what rosbags wants (``rosbags_factory``).
     For rclpy (node.py), subclass and override ``bytes_field``: rclpy's uint8[] setter takes an
     ``array.array('B')`` as is but checks a bytes / list / numpy value element by element, ~100x
-    slower for a cloud; return ``array.array('B', memoryview(data))``. rclpy's fixed-size
+    slower for a cloud; build it with ``a = array.array('B'); a.frombytes(data.tobytes())``
+    (``array.array('B', memoryview(data))`` copies element by element: 250 ms vs 6 ms for
+    3 MB). rclpy's fixed-size
     float64[9]/[12] fields take numpy float64 arrays directly and ``d`` (float64[]) takes
     ``array.array('d', values)``.
     """

@@ -12,7 +12,7 @@ BACKENDS = ("onnxruntime", "torch", "tensorrt")
 
 def create_backend(kind: str, model: torch.nn.Module, header: CheckpointHeader, *, threads: int = 0,
                    precision: str = "fp16", cache_dir: str | None = None,
-                   device: str | None = None) -> Backend:
+                   device: str | None = None, force_rebuild: bool = False) -> Backend:
     """A Backend of ``kind`` carrying ``model``'s weights (TensorRT imports lazily)."""
     if kind == "onnxruntime":
         from pl3d_ros.runtime.onnxruntime_backend import OnnxRuntimeBackend
@@ -25,5 +25,6 @@ def create_backend(kind: str, model: torch.nn.Module, header: CheckpointHeader, 
     if kind == "tensorrt":
         from pl3d_ros.runtime.tensorrt_backend import TensorRTBackend
 
-        return TensorRTBackend(model, header, precision=precision, cache_dir=cache_dir)
+        return TensorRTBackend(model, header, precision=precision, cache_dir=cache_dir,
+                               force_rebuild=force_rebuild)
     raise BackendError(f"unknown backend {kind!r}; choose from {BACKENDS}")

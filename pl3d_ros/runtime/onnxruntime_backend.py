@@ -46,6 +46,9 @@ class OnnxRuntimeBackend(Backend):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.threads:
             opts.intra_op_num_threads = self.threads
+        # ORT's workers spin between runs by default, burning the cores the adaptation thread
+        # would use while the node waits for the next frame.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return ort.InferenceSession(onnx_bytes, opts, providers=self.providers)
 
     def _build_engine(self, state_dict: dict[str, torch.Tensor]):

@@ -199,7 +199,7 @@ def test_trainable_selection_norm_is_affine_only():
     assert len(select_trainable(model, "all")) == len(list(model.parameters()))
 
 
-def test_ema_update_math_includes_bn_buffers():
+def test_ema_update_averages_parameters_and_copies_bn_statistics():
     teacher, student = small_model(), small_model()
     params = select_trainable(student, "norm")
     buffers = [n for n, _ in student.named_buffers() if n in student.state_dict()]
@@ -213,8 +213,9 @@ def test_ema_update_math_includes_bn_buffers():
     ema_update(teacher, student, 0.9, params, buffers)
     for t in _bn(teacher):
         assert torch.allclose(t.weight, torch.full_like(t.weight, 0.9 * 1 + 0.1 * 3))  # 1.2
-        assert torch.allclose(t.running_mean, torch.full_like(t.running_mean, 0.1))
-        assert int(t.num_batches_tracked) == 7  # integer buffer copied
+        # running statistics are already an average of the student's batches: copied, not re-averaged
+        assert torch.allclose(t.running_mean, torch.full_like(t.running_mean, 1.0))
+        assert int(t.num_batches_tracked) == 7
     assert torch.equal(teacher.image.head.weight, conv_before)  # frozen: not averaged
 
 
@@ -259,3 +260,22 @@ def test_collapse_guard_triggers_on_a_constant_predictor_after_a_full_window():
     g2 = CollapseGuard(4, 2, 0.95, 0.6)
     same = np.zeros(100, np.int64)
     assert not any(g2.observe(same, same).triggered for _ in range(4))
+
+
+def test_teacher_warm_up_follows_the_student_early_then_settles_at_the_momentum():
+    from pl3d_ros.adapt.teacher import TeacherStudent
+
+    ts = TeacherStudent(small_model(), trainable="norm", lr=1e-3, momentum=0.999)
+    bn_t, bn_s = _bn(ts.teacher)[0], _bn(ts.student)[0]
+    bn_s.weight.data.fill_(5.0)
+    ts.update_teacher()  # update 0: momentum min(0.999, 0) = 0 -> teacher = student
+    assert torch.allclose(bn_t.weight, bn_s.weight)
+    bn_s.weight.data.fill_(7.0)
+    ts.update_teacher()  # update 1: momentum 0.5
+    assert torch.allclose(bn_t.weight, torch.full_like(bn_t.weight, 6.0))
+    snap = ts.snapshot()
+    ts.update_teacher()
+    ts.rollback(snap)
+    assert ts.updates == 2
+    ts.restore_source()
+    assert ts.updates == 0

@@ -91,8 +91,8 @@ class Adapter:
 
     def _resume_state(self) -> dict[str, torch.Tensor] | None:
         a = self.cfg.adapt
-        if a.resume != "adapted" or not a.checkpoint_path:
-            return None
+        if a.resume != "adapted" or not a.checkpoint_path or a.method == "source":
+            return None  # the source baseline is always the source model
         path = Path(a.checkpoint_path)
         if not path.is_file():
             log.info("adapt.resume=adapted but %s does not exist yet: starting from the source", path)
@@ -103,6 +103,10 @@ class Adapter:
             raise CheckpointError(f"{path}: adapted checkpoint does not match the source model "
                                   f"(model {dataclasses.asdict(h.model)} vs {dataclasses.asdict(self.header.model)}, "
                                   f"classes {h.class_set.names} vs {self.header.class_set.names})")
+        prev = h.training.get("adaptation", {}).get("method")
+        if prev and prev != a.method:
+            raise CheckpointError(f"{path} was adapted with method {prev!r}, not {a.method!r}; "
+                                  "use another adapt.checkpoint_path or adapt.resume: source")
         self.resumed_from = str(path)
         log.info("resuming adaptation from %s", path)
         return {k: v.to(self.device) for k, v in net.state_dict().items()}
@@ -118,6 +122,9 @@ class Adapter:
         """Adapt on one frame: cfg.adapt.steps_per_frame inner steps (capped by the method), then
         swaps and checkpoints when due. Never raises: a failure is counted and undone, and the
         returned stats hold ``error``."""
+        if not self.method.adapts:  # source: nothing to learn, no per-frame work
+            self._frames += 1
+            return {}
         with self._lock:
             t0 = time.perf_counter()
             index = self._frames
@@ -207,8 +214,11 @@ class Adapter:
 
     def start(self) -> None:
         """Start the background thread (idempotent)."""
-        if self._thread is not None and self._thread.is_alive():
-            return
+        t = self._thread
+        if t is not None and t.is_alive():
+            if not self._stop_event.is_set():
+                return
+            t.join()  # an earlier stop() timed out: let that thread finish before a new one
         self._stop_event.clear()
         self._thread = threading.Thread(target=self._run, name="pl3d-adapt", daemon=True)
         self._thread.start()
@@ -220,7 +230,11 @@ class Adapter:
                     self._cond.wait(timeout=0.1)
                 if self._stop_event.is_set():
                     return
-                frame = self._buffer.pop()  # the newest: adapt to where the robot is now
+                # The newest frame: adapt to where the robot is now. The older ones are stale
+                # by the time this step ends; they are dropped rather than trained on backwards.
+                frame = self._buffer.pop()
+                self._frames_dropped += len(self._buffer)
+                self._buffer.clear()
             try:
                 self.step(frame)
             except BaseException:  # noqa: BLE001 - step() never raises; belt and braces
@@ -251,7 +265,8 @@ class Adapter:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        t = self._thread  # read once: stop() may clear it concurrently
+        return t is not None and t.is_alive()
 
     # -- reporting and persistence --------------------------------------------------------------
 

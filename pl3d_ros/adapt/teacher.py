@@ -56,8 +56,8 @@ def state_buffers(model: nn.Module) -> list[str]:
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, params: list[str],
                buffers: list[str]) -> None:
-    """teacher <- momentum * teacher + (1 - momentum) * student, for ``params`` and the floating
-    ``buffers``; integer buffers (BN's num_batches_tracked) are copied.
+    """teacher <- momentum * teacher + (1 - momentum) * student for ``params``; ``buffers`` (BN
+    running statistics and counters) are copied from the student.
 
     Only the named parameters are averaged: the frozen ones are identical in both networks, and
     averaging x with itself in float32 is not always exactly x.
@@ -65,12 +65,12 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, params: 
     tp, sp = dict(teacher.named_parameters()), dict(student.named_parameters())
     for n in params:
         tp[n].mul_(momentum).add_(sp[n].detach(), alpha=1.0 - momentum)
+    # BN running statistics are copied, not averaged: they already are an exponential average
+    # (BN momentum 0.1) of the student's target-domain batches, and averaging them again at 0.999
+    # would deploy gamma/beta learned under target statistics on top of ~source statistics.
     tb, sb = dict(teacher.named_buffers()), dict(student.named_buffers())
     for n in buffers:
-        if tb[n].is_floating_point():
-            tb[n].mul_(momentum).add_(sb[n], alpha=1.0 - momentum)
-        else:
-            tb[n].copy_(sb[n])
+        tb[n].copy_(sb[n])
 
 
 @torch.no_grad()
@@ -130,6 +130,7 @@ class TeacherStudent:
         self.teacher.eval()
         self.optimizer_kind, self.lr, self.momentum = optimizer, float(lr), float(momentum)
         self.optimizer = self._new_optimizer()
+        self.updates = 0  # teacher updates since the source (EMA warm-up)
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         named = dict(self.student.named_parameters())
@@ -141,7 +142,12 @@ class TeacherStudent:
         return sum(named[n].numel() for n in self.params)
 
     def update_teacher(self) -> None:
-        ema_update(self.teacher, self.student, self.momentum, self.params, self.buffers)
+        """EMA with the Mean Teacher warm-up: momentum min(m, 1 - 1/(t + 1)) at update t, so on a
+        short stream the teacher follows the student instead of staying ~source for ~1/(1-m)
+        steps (0.999: a thousand frames)."""
+        m = min(self.momentum, 1.0 - 1.0 / (self.updates + 1))
+        ema_update(self.teacher, self.student, m, self.params, self.buffers)
+        self.updates += 1
 
     def restore_elements(self, prob: float, generator: torch.Generator | None = None) -> int:
         return stochastic_restore(self.student, self.source, self.params, prob, generator)
@@ -153,6 +159,7 @@ class TeacherStudent:
         self.student.load_state_dict(state, strict=True)
         self.teacher.load_state_dict(state, strict=True)
         self.optimizer = self._new_optimizer()
+        self.updates = 0
 
     def teacher_state(self) -> dict[str, torch.Tensor]:
         """The teacher's full state dict as detached CPU copies (safe to hand to another thread)."""
@@ -168,6 +175,7 @@ class TeacherStudent:
             snap = {n: named_p[n].detach().clone() for n in self.params}
             snap.update({n: named_b[n].detach().clone() for n in self.buffers})
             out[tag] = snap
+        out["counters"] = {"updates": torch.tensor(self.updates)}
         return out
 
     @torch.no_grad()
@@ -178,6 +186,7 @@ class TeacherStudent:
             tensors = {**dict(net.named_parameters()), **dict(net.named_buffers())}
             for n, v in snap[tag].items():
                 tensors[n].copy_(v)
+        self.updates = int(snap["counters"]["updates"])
         self.optimizer = self._new_optimizer()
 
 

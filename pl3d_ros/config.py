@@ -193,7 +193,7 @@ class AdaptConfig:
     disable: list[str] = field(default_factory=list)  # components of full to switch off
     trainable: str = "norm"  # norm (normalisation layers) | all
     optimizer: str = "adam"  # adam | sgd
-    lr: float = 1e-4
+    lr: float = 1e-3  # Adam on normalisation layers, as TENT and CoTTA use online
     steps_per_frame: int = 1  # lockstep mode: adaptation steps per frame
     buffer_frames: int = 4  # bounded drop-oldest buffer between inference and adaptation
     swap_every_steps: int = 5  # hand the teacher to the backend every m steps

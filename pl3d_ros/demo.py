@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEMO_PRESET = "night"
+DEMO_PRESET = "mixed"  # other sensor rig + suburban layout + dusk: every modality shifts
 DEMO_FRAMES = 30
 DEMO_SEED = 7
 

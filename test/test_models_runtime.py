@@ -120,23 +120,17 @@ def test_onnxruntime_matches_torch():
         assert agree >= 0.999, (name, agree)
 
 
-@pytest.mark.parametrize("backend_cls", [TorchBackend, OnnxRuntimeBackend])
-def test_swap_under_concurrent_runs_never_mixes_weights(backend_cls):
-    model_a, model_b = small_model(0), small_model(1)
-    x = inputs()
-    ref_a = TorchBackend(model_a, header().input_shapes, device="cpu").run(x)
-    ref_b = TorchBackend(model_b, header().input_shapes, device="cpu").run(x)
-    backend = (TorchBackend(model_a, header().input_shapes, device="cpu") if backend_cls is TorchBackend
-               else OnnxRuntimeBackend(model_a, header(), providers=["CPUExecutionProvider"]))
+def hammer_during_swaps(backend, model_a, model_b, ref_a, ref_b, x, tol=1e-3) -> set[str]:
+    """Swap a -> b -> a -> b -> a -> b while a thread runs ``backend`` non-stop; -> the set of
+    per-run tags, one letter per output naming the weights it came from ("aa", "bb", "ab", ...)."""
     seen, errors, stop = [], [], threading.Event()
 
     def which(out):
-        tags = []
+        tags = ""
         for name in ("logits_2d", "logits_3d"):
-            da = np.abs(out[name] - ref_a[name]).max()
-            db = np.abs(out[name] - ref_b[name]).max()
-            tags.append("a" if da < 1e-3 else "b" if db < 1e-3 else "?")
-        return "".join(tags)
+            da, db = (np.abs(out[name] - r[name]).max() for r in (ref_a, ref_b))
+            tags += "a" if da < tol else "b" if db < tol else "?"
+        return tags
 
     def hammer():
         try:
@@ -157,9 +151,21 @@ def test_swap_under_concurrent_runs_never_mixes_weights(backend_cls):
     stop.set()
     thread.join(timeout=30)
     assert not errors and not thread.is_alive()
-    assert set(seen) == {"aa", "bb"}, set(seen)  # every run: both branches from one version
-    assert backend.swaps == 5 and backend.last_swap_ms > 0
     assert which(backend.run(x)) == "bb"
+    return set(seen)
+
+
+@pytest.mark.parametrize("backend_cls", [TorchBackend, OnnxRuntimeBackend])
+def test_swap_under_concurrent_runs_never_mixes_weights(backend_cls):
+    model_a, model_b = small_model(0), small_model(1)
+    x = inputs()
+    ref_a = TorchBackend(model_a, header().input_shapes, device="cpu").run(x)
+    ref_b = TorchBackend(model_b, header().input_shapes, device="cpu").run(x)
+    backend = (TorchBackend(model_a, header().input_shapes, device="cpu") if backend_cls is TorchBackend
+               else OnnxRuntimeBackend(model_a, header(), providers=["CPUExecutionProvider"]))
+    seen = hammer_during_swaps(backend, model_a, model_b, ref_a, ref_b, x)
+    assert seen == {"aa", "bb"}, seen  # every run: both branches from one version
+    assert backend.swaps == 5 and backend.last_swap_ms > 0
 
 
 def test_cli_export_writes_onnx_and_sidecar(tmp_path, capsys):

@@ -25,7 +25,7 @@ from pl3d_ros.runtime.engine_cache import EngineCache, EngineCacheError, EngineK
 from pl3d_ros.runtime.export import write_export
 from pl3d_ros.runtime.tensorrt_backend import (DEFAULT_TOLERANCES, TensorRTBackend, ValidationTolerance,
                                                build_engine_from_export, compare_outputs, probe_inputs)
-from test_models_runtime import header, inputs, small_model
+from test_models_runtime import hammer_during_swaps, header, inputs, small_model
 
 ONNX = b"not really onnx, but bytes to hash"
 
@@ -352,38 +352,9 @@ def test_swap_under_hammering_thread_never_mixes_weights(trt_gpu, tmp_path):
     model_a, model_b = small_model(0), small_model(1)
     ref_a, ref_b = _reference(model_a), _reference(model_b)
     backend = TensorRTBackend(model_a, header(), precision="fp32", cache_dir=tmp_path)
-    x = inputs()
-    seen, errors, stop = [], [], threading.Event()
-
-    def which(out):
-        tags = ""
-        for name in ("logits_2d", "logits_3d"):
-            da, db = (np.abs(out[name] - r[name]).max() for r in (ref_a, ref_b))
-            tags += "a" if da < 1e-3 else "b" if db < 1e-3 else "?"
-        return tags
-
-    def hammer():
-        try:
-            while not stop.is_set():
-                seen.append(which(backend.run(x)))
-        except Exception as exc:  # surfaced below
-            errors.append(exc)
-
-    thread = threading.Thread(target=hammer)
-    thread.start()
-    for state in (model_b, model_a, model_b, model_a, model_b):
-        backend.swap_weights(state.state_dict())
-        n = len(seen)
-        for _ in range(1000):
-            if len(seen) >= n + 2 or errors:
-                break
-            threading.Event().wait(0.005)
-    stop.set()
-    thread.join(timeout=30)
-    assert not errors and not thread.is_alive()
-    assert set(seen) == {"aa", "bb"}, set(seen)
+    seen = hammer_during_swaps(backend, model_a, model_b, ref_a, ref_b, inputs())
+    assert seen == {"aa", "bb"}, seen
     assert backend.swaps == 5 and backend.describe()["last_validation"]["passed"]
-    assert which(backend.run(x)) == "bb"
 
 
 @pytest.mark.gpu

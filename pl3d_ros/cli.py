@@ -134,7 +134,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
           f"3D {metrics['miou']['3d']:.1f} over {metrics['frames']} frames; "
           f"{metrics['adapt_steps']} adaptation steps, {metrics['weight_swaps']} weight swaps")
     for stage, v in metrics["pseudo_labels"].items():
-        print(f"pseudo-labels {stage}: density {v['density']}%, precision {v['precision']}%")
+        print(f"pseudo-labels {stage}: density {v['density']}% (in view {v.get('density_in_view')}%), "
+              f"precision {v['precision']}%")
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 

@@ -145,7 +145,7 @@ class Adapter:
                     if batch.cache.get("skip"):  # restored to the source: no more rounds here
                         break
                 if "stages" in batch.cache:
-                    stats.update(self.quality.add(batch.cache["stages"], batch.gt))
+                    stats.update(self.quality.add(batch.cache["stages"], batch.gt, batch.in_view))
             except Exception as exc:  # noqa: BLE001 - the adaptation thread must never die
                 self._errors += 1
                 self._last_error = f"{type(exc).__name__}: {exc}"

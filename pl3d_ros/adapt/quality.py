@@ -56,13 +56,20 @@ class QualityTotals:
         self.frames = 0
         self.frames_with_gt = 0
         self.points = 0
+        self.points_in_view = 0
+        self.labeled_in_view = {s: 0 for s in STAGES}
         self.totals = {s: {k: np.zeros(self.num_classes, np.int64) for k in ("labeled", "evaluated", "correct")}
                        for s in STAGES}
         self.last: dict[str, Any] = {}
 
-    def add(self, stages: dict[str, np.ndarray | torch.Tensor], gt: np.ndarray | torch.Tensor | None) -> dict[str, Any]:
+    def add(self, stages: dict[str, np.ndarray | torch.Tensor], gt: np.ndarray | torch.Tensor | None,
+            in_view: np.ndarray | torch.Tensor | None = None) -> dict[str, Any]:
         """stages: {"base": labels, "refined": ..., "filtered": ...} (missing stages repeat the
-        previous one) for one frame -> the frame's summary {"<stage>_density", "<stage>_precision"}."""
+        previous one) for one frame -> the frame's summary {"<stage>_density", "<stage>_precision"}.
+        ``in_view`` (N,) bool also counts density among the points the camera sees, which is
+        where mask refinement can act."""
+        view = None if in_view is None else np.asarray(in_view.cpu() if isinstance(in_view, torch.Tensor)
+                                                        else in_view, bool)
         n = None
         summary: dict[str, Any] = {}
         prev = None
@@ -76,12 +83,16 @@ class QualityTotals:
             for k, v in c.items():
                 self.totals[s][k] += v
             sm = summarise(c, n)
+            if view is not None:
+                lab_np = np.asarray(lab.cpu() if isinstance(lab, torch.Tensor) else lab)
+                self.labeled_in_view[s] += int(np.count_nonzero(lab_np[view] >= 0))
             summary[f"{s}_density"] = sm["density"]
             summary[f"{s}_precision"] = sm["precision"]
         if n is not None:
             self.frames += 1
             self.frames_with_gt += int(gt is not None)
             self.points += n
+            self.points_in_view += int(view.sum()) if view is not None else 0
         self.last = summary
         return summary
 
@@ -91,6 +102,8 @@ class QualityTotals:
         for s in STAGES:
             c = self.totals[s]
             out[s] = {**summarise(c, self.points),
+                      "density_in_view": (self.labeled_in_view[s] / self.points_in_view
+                                          if self.points_in_view else None),
                       **{k: int(v.sum()) for k, v in c.items()},
                       "per_class": {k: v.tolist() for k, v in c.items()}}
         return out

@@ -100,7 +100,9 @@ def _pseudo_label_summary(totals: dict[str, Any] | None) -> dict[str, dict[str, 
         if not s:
             continue
         out[stage] = {"density": round(100 * s["density"], 2),
-                      "precision": None if s["precision"] is None else round(100 * s["precision"], 2)}
+                      "precision": None if s["precision"] is None else round(100 * s["precision"], 2),
+                      "density_in_view": (None if s.get("density_in_view") is None
+                                          else round(100 * s["density_in_view"], 2))}
     return out
 
 
@@ -271,9 +273,11 @@ def markdown_report(metrics: dict[str, Any], names: list[str] | tuple[str, ...])
              f"| all points | {metrics['miou_all_points']['fused']} | - | {metrics['miou_all_points']['3d']} |",
              "", "## IoU per class, in view (%)", "", "```", format_table(metrics, names), "```", ""]
     if metrics["pseudo_labels"]:
-        lines += ["## Pseudo-labels (%)", "", "| stage | density | precision |", "|---|---|---|"]
+        lines += ["## Pseudo-labels (%)", "", "| stage | density | density in view | precision |",
+                  "|---|---|---|---|"]
         for stage, v in metrics["pseudo_labels"].items():
-            lines.append(f"| {stage} | {v['density']} | {v['precision'] if v['precision'] is not None else '-'} |")
+            lines.append(f"| {stage} | {v['density']} | {v.get('density_in_view') or '-'} | "
+                         f"{v['precision'] if v['precision'] is not None else '-'} |")
         lines.append("")
     lines += ["## Latency (ms)", "", "| stage | p50 | p90 |", "|---|---|---|"]
     lines += [f"| {k} | {v['p50']} | {v['p90']} |" for k, v in metrics["latency_ms"].items()]

@@ -35,3 +35,15 @@ def kitti_bag00(tmp_path_factory, kitti00) -> Path:
     out = tmp_path_factory.mktemp("bags") / "s00"
     sequence_to_bag(kitti00, out)
     return out
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors: one intra-op thread. On a loaded 2-core machine two OpenMP threads spin-wait
+    for each other and a 50 ms step takes seconds."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -16,14 +16,7 @@ from test_models_runtime import SENSOR, SMALL, header, small_model
 ROAD, CAR, BUILDING = 40, 10, 50  # SemanticKITTI raw ids (xmuda10: road=4, car=0, building=7)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread. On a loaded 2-core machine two OpenMP threads spin-wait
-    for each other and a 50 ms step takes seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def synthetic_frame(seed: int = 0, n: int = 1500, seq: int = 0) -> Frame:

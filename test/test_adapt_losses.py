@@ -18,14 +18,7 @@ from test_models_runtime import small_model
 LN3 = math.log(3.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread. On a loaded 2-core machine two OpenMP threads spin-wait
-    for each other and a 50 ms step takes seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def approx(x, rel=1e-5, abs=1e-6):

@@ -67,6 +67,9 @@ class Adapter:
         self.quality = QualityTotals(header.class_set.num_classes)
 
         self._lock = threading.RLock()  # one step / reset / save at a time
+        # Counters and pseudo-label totals are read by health()/reports from other threads while
+        # a step (which holds _lock for seconds) updates them: a small lock of their own.
+        self._stats_lock = threading.Lock()
         self._cond = threading.Condition()  # guards the frame buffer
         self._buffer: deque[Frame] = deque()
         self._thread: threading.Thread | None = None
@@ -145,9 +148,10 @@ class Adapter:
                     if batch.cache.get("skip"):  # restored to the source: no more rounds here
                         break
                 if "stages" in batch.cache:
-                    stats.update(self.quality.add(batch.cache["stages"], batch.gt, batch.in_view))
+                    with self._stats_lock:
+                        stats.update(self.quality.add(batch.cache["stages"], batch.gt, batch.in_view))
             except Exception as exc:  # noqa: BLE001 - the adaptation thread must never die
-                self._errors += 1
+                self._count_error()
                 self._last_error = f"{type(exc).__name__}: {exc}"
                 log.error("adaptation step on frame %d failed (rolled back):\n%s", index, traceback.format_exc())
                 if snap is not None:
@@ -185,7 +189,7 @@ class Adapter:
         try:
             self.on_weights(self.method.models.teacher_state())
         except Exception as exc:  # noqa: BLE001 - a failed swap leaves the old weights deployed
-            self._errors += 1
+            self._count_error()
             self._last_error = f"on_weights: {type(exc).__name__}: {exc}"
             log.error("weight hand-off failed (old weights stay deployed):\n%s", traceback.format_exc())
             return
@@ -238,7 +242,7 @@ class Adapter:
             try:
                 self.step(frame)
             except BaseException:  # noqa: BLE001 - step() never raises; belt and braces
-                self._errors += 1
+                self._count_error()
                 self._last_error = traceback.format_exc(limit=1)
                 log.error("adaptation thread: unexpected error:\n%s", traceback.format_exc())
 
@@ -258,10 +262,14 @@ class Adapter:
             try:
                 self.save()
             except Exception:  # noqa: BLE001
-                self._errors += 1
+                self._count_error()
                 self._last_error = traceback.format_exc(limit=1)
                 log.error("final checkpoint failed:\n%s", traceback.format_exc())
         return stopped
+
+    def _count_error(self) -> None:
+        with self._stats_lock:  # incremented from the adaptation thread and from stop()
+            self._errors += 1
 
     @property
     def running(self) -> bool:
@@ -303,7 +311,8 @@ class Adapter:
 
     def pseudo_label_totals(self) -> dict[str, Any]:
         """Pseudo-label counts summed over every frame stepped (see adapt.quality.QualityTotals)."""
-        return self.quality.report()
+        with self._stats_lock:
+            return self.quality.report()
 
     def save(self, path: str | Path | None = None) -> Path:
         """Atomic checkpoint of the teacher (default adapt.checkpoint_path); the header's training

@@ -179,7 +179,7 @@ def _model_path(model: str | None) -> str:
     return str(default_model_path())
 
 
-def _class_names(paths) -> str:
+def _join_paths(paths) -> str:
     return ", ".join(str(p) for p in paths)
 
 
@@ -200,17 +200,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     class_set = load_class_set(args.class_set)
     frames = load_frames(args.data, require_labels=True)
     val_frames = load_frames(args.val, require_labels=True) if args.val else []
-    print(f"training on {len(frames)} frames from {_class_names(args.data)}"
-          + (f"; validating on {len(val_frames)} frames from {_class_names(args.val)}" if val_frames else ""))
+    print(f"training on {len(frames)} frames from {_join_paths(args.data)}"
+          + (f"; validating on {len(val_frames)} frames from {_join_paths(args.val)}" if val_frames else ""))
     from pl3d_ros.config import Config
 
     base = Config.from_yaml(args.config) if args.config else Config()
     model_cfg = ModelConfig.from_preset(args.preset) if args.preset else base.model
     sensor = base.sensor
 
+    last: dict = {}  # the latest validation summary; the trainer always validates its last epoch
+
     def validate(model, header):
         seg = Segmenter(TorchBackend(model, header.input_shapes), header)
-        return evaluate(seg.infer, val_frames, class_set).summary(class_set.names)["miou"]
+        last["summary"] = evaluate(seg.infer, val_frames, class_set).summary(class_set.names)
+        return last["summary"]["miou"]
 
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       val_every=args.val_every, time_limit_min=args.time_limit,
@@ -222,11 +225,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"wrote {args.out} after {result['history'][-1]['epoch']} epochs "
           f"({result['history'][-1]['elapsed_s']:.0f} s on {result['device']})")
     if val_frames:
-        from pl3d_ros.models.checkpoint import load_checkpoint
+        if "summary" not in last:  # --resume of a finished run: no epoch ran here
+            from pl3d_ros.models.checkpoint import load_checkpoint
 
-        model, header = load_checkpoint(args.out)
-        seg = Segmenter(TorchBackend(model, header.input_shapes), header)
-        scores = evaluate(seg.infer, val_frames, class_set).summary(class_set.names)
+            validate(*load_checkpoint(args.out))
+        scores = last["summary"]  # the saved checkpoint's weights: no second pass over the set
         report = Path(args.report or Path(args.out).with_suffix("").as_posix() + "_report")
         write_report(scores, class_set, report, {"checkpoint": str(args.out), "training": result})
         from pl3d_ros.eval.metrics import format_table

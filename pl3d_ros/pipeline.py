@@ -40,10 +40,15 @@ class Prepared:
     proj: RangeProjection
 
 
+def cover_size(camera: CameraModel, width: int, height: int, zoom: float = 1.0) -> tuple[int, int]:
+    """(w, h) of the image scaled, keeping its aspect, to cover width x height, times ``zoom``."""
+    scale = max(width / camera.width, height / camera.height) * zoom
+    return max(width, round(camera.width * scale)), max(height, round(camera.height * scale))
+
+
 def fit_camera(camera: CameraModel, width: int, height: int) -> tuple[CameraModel, tuple[int, int], tuple[int, int]]:
     """Scale to cover width x height, then centre-crop: (camera, resized (w, h), crop offset (x0, y0))."""
-    scale = max(width / camera.width, height / camera.height)
-    rw, rh = max(width, round(camera.width * scale)), max(height, round(camera.height * scale))
+    rw, rh = cover_size(camera, width, height)
     x0, y0 = (rw - width) // 2, (rh - height) // 2
     return camera.resized(rw, rh).cropped(x0, y0, width, height), (rw, rh), (x0, y0)
 

@@ -14,11 +14,13 @@ from pl3d_ros.frame import Frame, Prediction
 from pl3d_ros.labels import ClassSet
 
 
-def score_prediction(scores: SegmentationScores, frame: Frame, pred: Prediction, class_set: ClassSet) -> None:
-    """Add one frame's fused / 2D / 3D predictions to ``scores`` (frame.labels are raw ids)."""
+def score_prediction(scores: SegmentationScores, frame: Frame, pred: Prediction, class_set: ClassSet) -> np.ndarray:
+    """Add one frame's fused / 2D / 3D predictions to ``scores`` (frame.labels are raw ids);
+    returns the frame's (N,) train-id ground truth."""
     gt = class_set.to_train_ids(frame.labels)
     scores.update(gt, pred.in_view, pred.labels, pred.probs_2d.argmax(1), pred.probs_3d.argmax(1),
                   pred.timings_ms)
+    return gt
 
 
 def evaluate(infer: Callable[[Frame], Prediction], frames: Iterable[Frame], class_set: ClassSet,

@@ -163,9 +163,9 @@ def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_di
 
     def record(frame: Frame, pred: Prediction) -> None:
         if frame.labels is not None:
-            score_prediction(scores, frame, pred, class_set)
+            gt = score_prediction(scores, frame, pred, class_set)
             cm = ConfusionMatrix(class_set.num_classes)
-            cm.update(pred.labels[pred.in_view], class_set.to_train_ids(frame.labels)[pred.in_view])
+            cm.update(pred.labels[pred.in_view], gt[pred.in_view])
             per_frame.append(cm.miou())
             running.append(scores.in_view["fused"].miou())
         if bag:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from pl3d_ros.frame import CameraModel
-from pl3d_ros.pipeline import resize_crop
+from pl3d_ros.pipeline import cover_size, resize_crop
 
 
 @dataclass
@@ -66,9 +66,7 @@ class ImageCrop:
 def random_crop(camera: CameraModel, width: int, height: int, cfg: AugmentConfig,
                 rng: np.random.Generator) -> ImageCrop:
     """Scale to cover width x height times a random zoom, then crop at a random offset."""
-    zoom = rng.uniform(*cfg.image_zoom)
-    scale = max(width / camera.width, height / camera.height) * zoom
-    rw, rh = max(width, round(camera.width * scale)), max(height, round(camera.height * scale))
+    rw, rh = cover_size(camera, width, height, rng.uniform(*cfg.image_zoom))
     x0 = int(rng.integers(0, rw - width + 1))
     y0 = int(rng.integers(0, rh - height + 1))
     cam = camera.resized(rw, rh).cropped(x0, y0, width, height)

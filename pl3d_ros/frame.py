@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -246,6 +247,8 @@ class Prediction:
         probs_3d: (N, C) float32 range-branch probabilities of all points.
         timings_ms: per-stage wall time in milliseconds (preprocess, 2d, 3d, fusion, ...).
         stamp_ns: the frame's stamp.
+        inputs: the ``inputs.NetworkInputs`` the prediction was computed from (the adapter trains
+            on them instead of preparing the frame again); None where the producer kept none.
     """
 
     labels: np.ndarray
@@ -255,6 +258,7 @@ class Prediction:
     probs_3d: np.ndarray
     timings_ms: dict[str, float] = field(default_factory=dict)
     stamp_ns: int = 0
+    inputs: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = np.asarray(self.labels).shape[0] if np.ndim(self.labels) == 1 else -1

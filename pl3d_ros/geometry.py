@@ -347,10 +347,23 @@ class Projection:
         Rounded half-up (floor(x + 0.5)), which maps the in-view interval [-0.5, size - 0.5)
         exactly onto 0 .. size - 1, so ``image[rows, cols]`` is always in bounds.
         """
-        uv = self.uv[self.in_view]
-        cols = np.floor(uv[:, 0] + 0.5).astype(np.int64)
-        rows = np.floor(uv[:, 1] + 0.5).astype(np.int64)
-        return rows, cols
+        pix = _round_pixels(self.uv[self.in_view])
+        return pix[:, 1], pix[:, 0]
+
+    def pixels(self, width: int, height: int) -> np.ndarray:
+        """(N, 2) int64 (u, v) pixel of every point, rounded like ``pixel_indices`` and clipped
+        into a width x height image (non-finite uv read as 0): an index that is always in
+        bounds, meaningful only where ``in_view``."""
+        pix = _round_pixels(np.nan_to_num(self.uv, nan=0.0, posinf=0.0, neginf=0.0))
+        pix[:, 0] = np.clip(pix[:, 0], 0, width - 1)
+        pix[:, 1] = np.clip(pix[:, 1], 0, height - 1)
+        return pix
+
+
+def _round_pixels(uv: np.ndarray) -> np.ndarray:
+    """(K, 2) continuous pixel coordinates -> (K, 2) int64, rounded half-up (pixel centres at
+    integers)."""
+    return np.floor(uv + 0.5).astype(np.int64)
 
 
 def _as_points(points: np.ndarray, name: str = "points") -> np.ndarray:

@@ -6,9 +6,11 @@
 
 Thin glue, and the only module that imports rclpy, message_filters, tf2_ros, diagnostic_updater,
 std_srvs or the ROS message packages. Everything that decides something lives in ROS-free code
-the tests run: ``runner.py`` (inference thread, latest-frame slot, health, CPU budget, parameter
-specs, QoS presets, extrinsics cache, messages -> Frame, Prediction -> output arrays, building the
-segmenter and adapter) and ``io/ros_msgs.py`` (every message layout).
+the tests run: ``app.py`` (segmenter, adapter, weight deployer), ``runner.py`` (inference
+thread, latest-frame slot), ``health.py`` (diagnostics), ``cpu_budget.py`` (threads and
+priorities), ``ros_params.py`` (parameters from the settings' declarations, QoS presets),
+``io/extrinsics.py`` (tf2 cache), ``io/frames.py`` (messages -> Frame, Prediction -> output
+clouds) and ``io/ros_msgs.py`` (every message layout).
 
 Threads: a SingleThreadedExecutor runs the subscriptions (the synchronizer callback only converts
 a synced set into a Frame and puts it in the runner's depth-1 slot), the tf2 retry timer, the
@@ -30,7 +32,6 @@ from __future__ import annotations
 import array
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import message_filters
@@ -52,13 +53,15 @@ from std_msgs.msg import Float64, Header
 from std_srvs.srv import Trigger
 from tf2_msgs.msg import TFMessage
 
+from pl3d_ros.app import build
 from pl3d_ros.config import Config, ConfigError
 from pl3d_ros.frame import FrameError
+from pl3d_ros.health import FrameTiming
+from pl3d_ros.io.extrinsics import Extrinsics
+from pl3d_ros.io.frames import frame_from_messages, output_arrays
 from pl3d_ros.io.ros_msgs import MessageError, MessageFactory, make_cloud, make_header
-from pl3d_ros.runner import (Extrinsics, FrameTiming, Runner, RunnerSettings, ThreadBudget,
-                             build_adapter, build_segmenter, config_from_parameters,
-                             frame_from_messages, output_arrays, parameter_specs, qos_settings,
-                             read_yaml_comments)
+from pl3d_ros.ros_params import config_from_parameters, parameter_specs, qos_settings
+from pl3d_ros.runner import Runner, RunnerSettings
 
 NODE_NAME = "pl3d_node"
 DEBUG_STAGES = ("preprocess", "inference", "postprocess", "output", "total")
@@ -90,7 +93,7 @@ def rclpy_factory() -> RclpyMessageFactory:
 
 
 def make_qos(preset: str, depth: int) -> QoSProfile:
-    """rclpy QoSProfile of a ``qos.*`` preset (mapping in runner.qos_settings)."""
+    """rclpy QoSProfile of a ``qos.*`` preset (mapping in ros_params.qos_settings)."""
     s = qos_settings(preset, depth)
     return QoSProfile(
         depth=s["depth"], history=HistoryPolicy.KEEP_LAST,
@@ -98,26 +101,6 @@ def make_qos(preset: str, depth: int) -> QoSProfile:
                      else ReliabilityPolicy.BEST_EFFORT),
         durability=DurabilityPolicy.VOLATILE,
     )
-
-
-def _parameter_descriptions() -> dict[str, str]:
-    """Comments of the installed config/pl3d.yaml (source tree as a fallback): one text for the
-    file and for ``ros2 param describe``."""
-    candidates = []
-    try:
-        from ament_index_python.packages import get_package_share_directory
-
-        candidates.append(Path(get_package_share_directory("pl3d_ros")) / "config" / "pl3d.yaml")
-    except Exception:  # not installed with colcon: the source tree's copy
-        pass
-    candidates.append(Path(__file__).resolve().parents[1] / "config" / "pl3d.yaml")
-    for path in candidates:
-        if path.is_file():
-            try:
-                return read_yaml_comments(path)
-            except OSError:
-                continue
-    return {}
 
 
 class Pl3dNode(Node):
@@ -129,17 +112,19 @@ class Pl3dNode(Node):
         cfg = self.cfg
         log = self.get_logger()
 
-        adapting = cfg.adapt.method != "source"
-        budget = ThreadBudget.from_config(cfg, adapting)
-        self.segmenter, model = build_segmenter(cfg, threads=budget.inference_threads)
-        self.class_set = self.segmenter.header.class_set
-        adapter = None
-        if adapting:
-            try:
-                adapter = build_adapter(cfg, self.segmenter, model)
-            except Exception as exc:  # labels first: run without adaptation rather than not at all
-                log.error(f"adaptation ({cfg.adapt.method}) unavailable, running the source model: "
-                          f"{type(exc).__name__}: {exc}")
+        try:
+            self.app = build(cfg)
+        except ConfigError:
+            raise
+        except Exception as exc:  # labels first: run without adaptation rather than not at all
+            log.error(f"adaptation ({cfg.adapt.method}) unavailable, running the source model: "
+                      f"{type(exc).__name__}: {exc}")
+            self.app = build(cfg, adapt=False)
+        app = self.app
+        self.segmenter = app.segmenter
+        self.class_set = app.header.class_set
+        adapter = app.adapter
+        budget = app.budget
         self.factory = rclpy_factory()
         self.extrinsics = Extrinsics.from_config(cfg)
         self._seq = 0
@@ -158,7 +143,7 @@ class Pl3dNode(Node):
             self.pub_debug["cyclic"] = self.create_publisher(Float64, "~/debug/cyclic_time_ms", 1)
 
         self.runner = Runner(
-            self.segmenter, self._publish, adapter,
+            self.segmenter, self._publish, adapter, deployer=app.deployer,
             settings=RunnerSettings.from_config(cfg, adapting=adapter is not None),
             on_timing=self._publish_timing if self.pub_debug else None,
             stamp_clock=lambda: self.get_clock().now().nanoseconds,  # follows /clock with sim time
@@ -190,10 +175,11 @@ class Pl3dNode(Node):
 
     def _declare_and_read_parameters(self) -> Config:
         """Declare every Config leaf (read-only: settings are read once), read back, validate."""
-        specs = parameter_specs(descriptions=_parameter_descriptions())
+        specs = parameter_specs()
         declarations = []
         for spec in specs:
-            descriptor = ParameterDescriptor(description=spec.description, read_only=True)
+            descriptor = ParameterDescriptor(description=spec.description,
+                                             additional_constraints=spec.constraints, read_only=True)
             # An empty-list default would be inferred as BYTE_ARRAY: declare those by type.
             second = Parameter.Type[spec.type_name] if spec.declare_by_type else spec.ros_default
             declarations.append((spec.name, second, descriptor))

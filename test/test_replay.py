@@ -8,7 +8,7 @@ import pytest
 from pl3d_ros.config import Config
 from pl3d_ros.eval.replay import SEGMENTATION_TOPIC, VISUALIZATION_TOPIC, ReplayOptions, replay
 from pl3d_ros.models.checkpoint import save_checkpoint
-from test_models_runtime import header, small_model
+from fakes import header, small_model
 
 pytestmark = pytest.mark.slow
 
@@ -28,10 +28,11 @@ def ckpt(tmp_path_factory):
     return save_checkpoint(path, small_model(), header())
 
 
-def _opts(**kw):
-    cfg = Config()
-    cfg.adapt.swap_every_steps = 1  # short stream: swap after every step so adaptation shows
-    return ReplayOptions(backend="torch", threads=1, config=cfg, **kw)
+def _opts(method="full", **kw):
+    # short stream: swap after every step so adaptation shows
+    cfg = Config().replace(**{"adapt.method": method, "adapt.swap_every_steps": 1,
+                              "runtime.backend": "torch", "runtime.threads": 1})
+    return ReplayOptions(config=cfg, **kw)
 
 
 def test_lockstep_replay_is_deterministic_and_writes_its_report(short_bag, ckpt, tmp_path):
@@ -73,3 +74,28 @@ def test_two_inputs_play_as_one_stream_and_realtime_mode_accounts_for_every_fram
     assert runner["frames_out"] + runner["frames_dropped"] + runner["frames_failed"] == 6
     assert m["frames"] == runner["frames_out"] >= 1
     assert np.isfinite(m["miou"]["fused"])
+
+
+def test_realtime_replay_deploys_weights_on_the_deployer_thread(short_bag, ckpt, tmp_path, monkeypatch):
+    """Realtime replay runs the node's runner: the (niced) adaptation thread hands its weights to
+    the app's WeightDeployer, whose normal-priority thread runs backend.swap_weights."""
+    import threading
+
+    from pl3d_ros.cpu_budget import thread_nice
+    from pl3d_ros.runtime.torch_backend import TorchBackend
+
+    calls = []
+    real = TorchBackend.swap_weights
+
+    def recording(self, state_dict):
+        calls.append((threading.current_thread().name, thread_nice()))
+        return real(self, state_dict)
+
+    monkeypatch.setattr(TorchBackend, "swap_weights", recording)
+    base_nice = thread_nice()
+    m = replay([short_bag, short_bag], ckpt, tmp_path / "rt", _opts(method="tent", mode="realtime",
+                                                                     plots=False, write_bag=False))
+    assert m["adapt_steps"] >= 1 and calls, m["runner"]
+    assert {name for name, _ in calls} == {"pl3d-deploy"}
+    if base_nice is not None:
+        assert {nice for _, nice in calls} == {base_nice}  # not the adaptation thread's +10

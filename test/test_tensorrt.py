@@ -25,7 +25,8 @@ from pl3d_ros.runtime.engine_cache import EngineCache, EngineCacheError, EngineK
 from pl3d_ros.runtime.export import write_export
 from pl3d_ros.runtime.tensorrt_backend import (DEFAULT_TOLERANCES, TensorRTBackend, ValidationTolerance,
                                                build_engine_from_export, compare_outputs, probe_inputs)
-from test_models_runtime import hammer_during_swaps, header, inputs, small_model
+from fakes import header, net_inputs as inputs, small_model
+from test_models_runtime import hammer_during_swaps
 
 ONNX = b"not really onnx, but bytes to hash"
 

@@ -17,7 +17,6 @@ Writes into the output folder:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -35,9 +34,6 @@ from pl3d_ros.eval.evaluate import score_prediction
 from pl3d_ros.eval.metrics import ConfusionMatrix, SegmentationScores, format_table
 from pl3d_ros.frame import Frame, Prediction
 from pl3d_ros.io.sources import open_source
-from pl3d_ros.models.checkpoint import load_checkpoint
-from pl3d_ros.pipeline import Segmenter
-from pl3d_ros.runtime.factory import create_backend
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +43,18 @@ VISUALIZATION_TOPIC = "/pl3d/output/pointcloud/visualization"
 
 @dataclass
 class ReplayOptions:
-    method: str = "full"
-    corrupt: str = ""  # e.g. "fog:3,night:2"
-    mode: str = "lockstep"  # lockstep | realtime
+    """How to replay (what to run is ``config``: adapt.method and its settings, runtime.backend,
+    runtime.threads, ...). corrupt: e.g. "fog:3,night:2"; mode: lockstep | realtime; seed: the
+    corruptions' and the adapter's; label: the run's name in tables and plots (default: the
+    method)."""
+
+    corrupt: str = ""
+    mode: str = "lockstep"
     seed: int = 0
-    backend: str = "onnxruntime"
-    threads: int = 0
     max_frames: int | None = None
     write_bag: bool = True
     plots: bool = True
-    label: str = ""  # name of the run in tables and plots (default: method)
+    label: str = ""
     config: Config = field(default_factory=Config)
 
 
@@ -73,6 +71,7 @@ class LabeledBagWriter:
 
     def write(self, frame: Frame, pred: Prediction) -> None:
         from pl3d_ros.io import ros_msgs
+        from pl3d_ros.io.frames import output_arrays
         from pl3d_ros.transforms import invert
 
         w, f = self.writer, self.writer.factory
@@ -83,10 +82,8 @@ class LabeledBagWriter:
             self._tf_written = True
         w.write_frame(frame.stamp_ns, frame.points, frame.image, frame.camera, lidar, camera)
         header = ros_msgs.make_header(f, frame.stamp_ns, lidar)
-        seg = ros_msgs.segmentation_cloud_array(frame.points, pred.labels, pred.confidence)
+        seg, vis = output_arrays(frame, pred, self.class_set)
         w.write(SEGMENTATION_TOPIC, ros_msgs.make_cloud(f, header, seg), frame.stamp_ns)
-        vis = ros_msgs.segmentation_cloud_array(frame.points, pred.labels, pred.confidence,
-                                                rgb=self.class_set.colorize(pred.labels))
         w.write(VISUALIZATION_TOPIC, ros_msgs.make_cloud(f, header, vis), frame.stamp_ns)
 
     def close(self, ok: bool = True) -> None:
@@ -113,34 +110,32 @@ def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_di
     docstring); returns the metrics dict."""
     import torch
 
+    from pl3d_ros.app import build
+
     if opts.mode not in ("lockstep", "realtime"):
         raise ValueError(f"mode must be lockstep or realtime, got {opts.mode!r}")
+    cfg = opts.config.validate()
+    method = cfg.adapt.method
+    inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    sources = [open_source(p) for p in inputs]  # fail early on a bad path, before the model loads
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-    cfg = dataclasses.replace(opts.config, adapt=dataclasses.replace(opts.config.adapt, method=opts.method))
-    cfg.validate()
-    model, header = load_checkpoint(checkpoint)
-    cfg.sensor = header.sensor  # the range image the network was trained on
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    torch.manual_seed(opts.seed)
+    # Lockstep runs everything on this thread: the backend takes runtime.threads as given;
+    # realtime splits the CPU as the node does (the thread budget).
+    app = build(cfg, checkpoint=checkpoint, seed=opts.seed,
+                threads=cfg.runtime.threads if opts.mode == "lockstep" else None)
+    header, seg, adapter, backend = app.header, app.segmenter, app.adapter, app.segmenter.backend
     class_set = header.class_set
     corruptions = parse_spec(opts.corrupt, sensor=header.sensor)
-    torch.manual_seed(opts.seed)
-    backend = create_backend(opts.backend, model, header, threads=opts.threads)
-    seg = Segmenter(backend, header)
-    adapter = None
-    if opts.method != "source":
-        from pl3d_ros.adapt.adapter import Adapter
-
-        adapter = Adapter(model, header, cfg, on_weights=backend.swap_weights, seed=opts.seed)
 
     scores = SegmentationScores(class_set.num_classes)
     per_frame: list[float] = []
     running: list[float] = []
     adapt_ms: list[float] = []
     bag = LabeledBagWriter(out / "labeled.mcap", class_set) if opts.write_bag else None
-    inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
-    sources = [open_source(p) for p in inputs]  # fail early on a bad path
     input_name = " + ".join(str(p) for p in inputs)
 
     def frames():
@@ -182,31 +177,33 @@ def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_di
                 record(frame, pred)
                 if adapter is not None:
                     t0 = time.perf_counter()
-                    adapter.step(frame)
+                    adapter.step(frame, pred.inputs)
                     adapt_ms.append((time.perf_counter() - t0) * 1e3)
+                del pred
             runner_health: dict[str, Any] = {}
         else:
-            runner_health = _run_realtime(seg, adapter, frames(), record, cfg)
+            runner_health = _run_realtime(app, frames(), record)
         ok = True
     finally:
         if bag:
             bag.close(ok)
+        app.close()
     wall_s = time.perf_counter() - t_start
 
-    health = adapter.health() if adapter is not None else {}
+    health = adapter.health() if adapter is not None else None
     summary = scores.summary(class_set.names)
     if adapt_ms:
         summary["latency_ms"]["adaptation"] = {k: round(float(np.percentile(adapt_ms, q)), 2)
                                                for k, q in (("p50", 50), ("p90", 90))}
     metrics = {
-        "input": input_name, "checkpoint": str(checkpoint), "method": opts.method,
-        "label": opts.label or opts.method, "corruption": opts.corrupt or "none", "mode": opts.mode,
+        "input": input_name, "checkpoint": str(app.checkpoint), "method": method,
+        "label": opts.label or method, "corruption": opts.corrupt or "none", "mode": opts.mode,
         "seed": opts.seed, "backend": backend.describe(),
         "steps_per_frame": cfg.adapt.steps_per_frame if opts.mode == "lockstep" else None,
-        "disabled_components": list(cfg.adapt.disable) if opts.method == "full" else [],
-        "adapt_steps": int(health.get("steps", 0)), "weight_swaps": int(backend.swaps),
-        "adapter_errors": int(health.get("errors", 0)),
-        "restores": {"collapse": int(health.get("collapse_restores", 0))},
+        "disabled_components": list(cfg.adapt.disable) if method == "full" else [],
+        "adapt_steps": health.steps if health else 0, "weight_swaps": int(backend.swaps),
+        "adapter_errors": health.errors if health else 0,
+        "restores": {"collapse": health.collapse_restores if health else 0},
         "pseudo_labels": _pseudo_label_summary(adapter.pseudo_label_totals() if adapter else None),
         "wall_s": round(wall_s, 1),
         **summary,
@@ -229,13 +226,14 @@ def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_di
     return metrics
 
 
-def _run_realtime(seg: Segmenter, adapter, frames, record, cfg: Config) -> dict[str, Any]:
+def _run_realtime(app, frames, record) -> dict[str, Any]:
     """Feed frames at their recorded rate into the node's runner (inference + adaptation threads,
-    same thread budget and priorities as the node); frames that arrive while inference is busy
-    replace the waiting one and are counted as dropped, as on a robot."""
+    same thread budget, priorities and weight deployer as the node); frames that arrive while
+    inference is busy replace the waiting one and are counted as dropped, as on a robot."""
     from pl3d_ros.runner import Runner, RunnerSettings
 
-    runner = Runner(seg, record, adapter, settings=RunnerSettings.from_config(cfg, adapter is not None))
+    runner = Runner(app.segmenter, record, app.adapter, deployer=app.deployer,
+                    settings=RunnerSettings.from_config(app.cfg, app.adapter is not None))
     runner.start()
     try:
         t0_wall, t0_stamp = None, None

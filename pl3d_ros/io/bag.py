@@ -22,6 +22,7 @@ import numpy as np
 
 from pl3d_ros.frame import CameraModel, Frame, FrameError
 from pl3d_ros.io import ros_msgs
+from pl3d_ros.io.frames import frame_from_messages
 from pl3d_ros.transforms import TransformError, TransformTree
 
 log = logging.getLogger(__name__)
@@ -423,11 +424,8 @@ class BagReader:
                         "pass them explicitly (--extrinsics)"
                     ) from exc
             T = cache[key]
-        camera = ros_msgs.camera_model_from_info(s.info, T, frame_id=camera_frame)
-        points, extra = ros_msgs.cloud_to_points(s.cloud)
-        labels = extra.get("label")
-        return Frame(s.stamp_ns, points, ros_msgs.image_to_rgb(s.image), camera,
-                     labels=labels, seq=seq, lidar_frame_id=lidar_frame)
+        return frame_from_messages(s.image, s.info, s.cloud, T, seq=seq, camera_frame=camera_frame,
+                                   with_labels=True)
 
     def info(self) -> dict[str, Any]:
         """Topics (type, count, rate), and what a replay would sync, without building Frames."""

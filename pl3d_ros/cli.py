@@ -166,13 +166,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_path(model: str | None) -> str:
-    """The checkpoint to use: the given path, or the bundled default weights."""
-    from pl3d_ros.app import resolve_model
-
-    return str(resolve_model(model or ""))
-
-
 def _config(args: argparse.Namespace):
     """The settings of ``--config`` (a params file or nested YAML), else the defaults."""
     from pl3d_ros.config import Config

@@ -230,10 +230,6 @@ class Frame:
     def num_points(self) -> int:
         return int(self.points.shape[0])
 
-    @property
-    def stamp_s(self) -> float:
-        return self.stamp_ns * 1e-9
-
 
 @dataclass(eq=False)
 class Prediction:

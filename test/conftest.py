@@ -45,6 +45,14 @@ def synthetic_frames():
     return [synthetic_frame(i, seq=i) for i in range(4)]
 
 
+@pytest.fixture(scope="session")
+def synthetic_bag(tmp_path_factory):
+    """Three synthetic frames as a bag in `pl3d kitti2bag`'s layout (labels, /tf_static)."""
+    from fakes import write_synthetic_bag
+
+    return write_synthetic_bag(tmp_path_factory.mktemp("synthetic") / "syn3")
+
+
 @pytest.fixture
 def one_torch_thread():
     """Tiny tensors: one intra-op thread. On a loaded 2-core machine two OpenMP threads spin-wait

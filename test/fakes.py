@@ -201,3 +201,19 @@ def wait_for(cond, timeout: float = 10.0, step: float = 0.005) -> None:
         if time.monotonic() > t_end:
             raise AssertionError("condition not reached in time")
         time.sleep(step)
+
+
+def write_synthetic_bag(path, n: int = 3):
+    """A bag in `pl3d kitti2bag`'s layout holding ``n`` synthetic frames (with a raw ``label``
+    field and the /tf_static extrinsics), for tests that need a recording but no dataset."""
+    from pl3d_ros.io.bag import BagWriter
+    from pl3d_ros.transforms import invert
+
+    with BagWriter(path) as w:
+        for i in range(n):
+            f = synthetic_frame(i, seq=i)
+            if i == 0:
+                w.write_static_transform(f.stamp_ns, "velodyne", "camera_optical", invert(f.camera.T_cam_lidar))
+            w.write_frame(f.stamp_ns, f.points, f.image, f.camera, "velodyne", "camera_optical",
+                          {"label": f.labels.astype(np.uint32)})
+    return path

@@ -492,7 +492,7 @@ def _stub_ros(monkeypatch, overrides: dict, published: dict, registry: dict) -> 
     monkeypatch.delitem(sys.modules, "pl3d_ros.node", raising=False)
 
 
-def test_node_glue_on_stub_ros(monkeypatch, request, small_bag, tmp_path):
+def test_node_glue_on_stub_ros(monkeypatch, request, synthetic_bag, tmp_path):
     """node.py's flow on stand-in ROS modules: every Config leaf declared (empty lists by type),
     QoS presets applied, synced messages -> Frame -> runner -> both output clouds and the debug
     topics, tf2 lookup on the timer, services and diagnostics."""
@@ -526,7 +526,7 @@ def test_node_glue_on_stub_ros(monkeypatch, request, small_bag, tmp_path):
     assert registry["qos"]["~/output/pointcloud/segmentation"].reliability == "reliable"
     assert registry["sync"] == (10, 0.05)
 
-    msgs = _raw_messages(small_bag)
+    msgs = _raw_messages(synthetic_bag)
     (_, lidar_frame, camera_frame, T_lidar_cam), = ros_msgs.tf_message_transforms(msgs["/tf_static"][0])
     factory = ros_msgs.rosbags_factory(__import__("pl3d_ros.io.bag", fromlist=["x"]).typestore())
     registry["tf"] = lambda target, source: ros_msgs.make_tf_message(

@@ -1,4 +1,5 @@
-"""pl3d replay end to end on a short real bag: deterministic lockstep, outputs, realtime mode."""
+"""pl3d replay end to end: deterministic lockstep and outputs on a short real bag; realtime mode and
+the weight deployer on a synthetic one."""
 
 import json
 
@@ -67,8 +68,8 @@ def test_source_replay_scores_the_undeployed_model_and_seed_changes_corruption(s
     assert s1["miou_per_frame"] != s2["miou_per_frame"]  # other beams dropped
 
 
-def test_two_inputs_play_as_one_stream_and_realtime_mode_accounts_for_every_frame(short_bag, ckpt, tmp_path):
-    m = replay([short_bag, short_bag], ckpt, tmp_path / "rt", _opts(method="tent", mode="realtime", plots=False))
+def test_two_inputs_play_as_one_stream_and_realtime_mode_accounts_for_every_frame(synthetic_bag, ckpt, tmp_path):
+    m = replay([synthetic_bag, synthetic_bag], ckpt, tmp_path / "rt", _opts(method="tent", mode="realtime", plots=False))
     runner = m["runner"]
     assert runner["frames_in"] == 6
     assert runner["frames_out"] + runner["frames_dropped"] + runner["frames_failed"] == 6
@@ -76,7 +77,7 @@ def test_two_inputs_play_as_one_stream_and_realtime_mode_accounts_for_every_fram
     assert np.isfinite(m["miou"]["fused"])
 
 
-def test_realtime_replay_deploys_weights_on_the_deployer_thread(short_bag, ckpt, tmp_path, monkeypatch):
+def test_realtime_replay_deploys_weights_on_the_deployer_thread(synthetic_bag, ckpt, tmp_path, monkeypatch):
     """Realtime replay runs the node's runner: the (niced) adaptation thread hands its weights to
     the app's WeightDeployer, whose normal-priority thread runs backend.swap_weights."""
     import threading
@@ -93,8 +94,8 @@ def test_realtime_replay_deploys_weights_on_the_deployer_thread(short_bag, ckpt,
 
     monkeypatch.setattr(TorchBackend, "swap_weights", recording)
     base_nice = thread_nice()
-    m = replay([short_bag, short_bag], ckpt, tmp_path / "rt", _opts(method="tent", mode="realtime",
-                                                                     plots=False, write_bag=False))
+    m = replay([synthetic_bag, synthetic_bag], ckpt, tmp_path / "rt", _opts(method="tent", mode="realtime",
+                                                                             plots=False, write_bag=False))
     assert m["adapt_steps"] >= 1 and calls, m["runner"]
     assert {name for name, _ in calls} == {"pl3d-deploy"}
     if base_nice is not None:

@@ -136,11 +136,6 @@ class TeacherStudent:
         named = dict(self.student.named_parameters())
         return make_optimizer([named[n] for n in self.params], self.optimizer_kind, self.lr)
 
-    @property
-    def num_trainable(self) -> int:
-        named = dict(self.student.named_parameters())
-        return sum(named[n].numel() for n in self.params)
-
     def update_teacher(self) -> None:
         """EMA with the Mean Teacher warm-up: momentum min(m, 1 - 1/(t + 1)) at update t, so on a
         short stream the teacher follows the student instead of staying ~source for ~1/(1-m)

@@ -15,7 +15,10 @@ clouds) and ``io/ros_msgs.py`` (every message layout).
 Threads: a SingleThreadedExecutor runs the subscriptions (the synchronizer callback only converts
 a synced set into a Frame and puts it in the runner's depth-1 slot), the tf2 retry timer, the
 services and the diagnostics timer; the runner's inference thread publishes the outputs and the
-debug topics (publishing from a non-executor thread is allowed); the adapter has its own thread.
+debug topics (publishing from a non-executor thread is allowed); the adapter has its own thread;
+service work (reset, save) runs on the runner's service thread and the services answer at once.
+Every callback is wrapped by a CallbackGuard: an exception is logged (throttled) and counted in
+the diagnostics, and never ends ``spin()``. The library's Python logging goes to the ROS logger.
 
 Topics (relative to the node, remappable):
     in   ~/input/image, ~/input/camera_info, ~/input/pointcloud   (QoS: qos.input)
@@ -24,12 +27,14 @@ Topics (relative to the node, remappable):
          ~/debug/processing_time/{preprocess,inference,postprocess,output,total}_ms,
          ~/debug/pipeline_latency_ms, ~/debug/cyclic_time_ms   (std_msgs/Float64)
     /diagnostics: "processing_time" and "adaptation"
-Services: ~/reset_adaptation, ~/save_checkpoint (std_srvs/Trigger).
+Services: ~/reset_adaptation, ~/save_checkpoint (std_srvs/Trigger; accepted at once, done in the
+background, outcome logged).
 """
 
 from __future__ import annotations
 
 import array
+import logging
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -56,10 +61,12 @@ from tf2_msgs.msg import TFMessage
 from pl3d_ros.app import build
 from pl3d_ros.config import Config, ConfigError
 from pl3d_ros.frame import FrameError
+from pl3d_ros.guard import CallbackGuard
 from pl3d_ros.health import FrameTiming
 from pl3d_ros.io.extrinsics import Extrinsics
 from pl3d_ros.io.frames import frame_from_messages, output_arrays
 from pl3d_ros.io.ros_msgs import MessageError, MessageFactory, make_cloud, make_header
+from pl3d_ros.ros_logging import bridge_logging
 from pl3d_ros.ros_params import config_from_parameters, parameter_specs, qos_settings
 from pl3d_ros.runner import Runner, RunnerSettings
 
@@ -126,6 +133,8 @@ class Pl3dNode(Node):
         adapter = app.adapter
         budget = app.budget
         self.factory = rclpy_factory()
+        self.guard = CallbackGuard(logger=logging.getLogger("pl3d_ros.node"))
+        guard = self.guard.wrap
         self.extrinsics = Extrinsics.from_config(cfg)
         self._seq = 0
         self._waiting_tf = 0
@@ -146,13 +155,13 @@ class Pl3dNode(Node):
             self.segmenter, self._publish, adapter, deployer=app.deployer,
             settings=RunnerSettings.from_config(cfg, adapting=adapter is not None),
             on_timing=self._publish_timing if self.pub_debug else None,
-            stamp_clock=lambda: self.get_clock().now().nanoseconds,  # follows /clock with sim time
+            stamp_clock=lambda: self.get_clock().now().nanoseconds,  # sim time: 0 until the first /clock
         )
 
         if self.extrinsics.static is None:
             self.tf_buffer = tf2_ros.Buffer()
             self.tf_listener = tf2_ros.TransformListener(self.tf_buffer, self)
-            self.tf_timer = self.create_timer(cfg.frames.tf_retry_s, self._lookup_transforms)
+            self.tf_timer = self.create_timer(cfg.frames.tf_retry_s, guard("tf_lookup", self._lookup_transforms))
 
         in_qos = make_qos(cfg.qos.input, cfg.qos.input_depth)  # explicit: the default is RELIABLE
         self.subs = [
@@ -162,10 +171,12 @@ class Pl3dNode(Node):
         ]
         self.sync = message_filters.ApproximateTimeSynchronizer(
             self.subs, cfg.sync.queue_size, cfg.sync.slop_s)
-        self.sync.registerCallback(self._on_synced)
+        self.sync.registerCallback(guard("synced_input", self._on_synced))
 
-        self.create_service(Trigger, "~/reset_adaptation", self._srv_reset)
-        self.create_service(Trigger, "~/save_checkpoint", self._srv_save)
+        self.create_service(Trigger, "~/reset_adaptation",
+                            guard("reset_adaptation", self._srv_reset, fallback=_failed_response))
+        self.create_service(Trigger, "~/save_checkpoint",
+                            guard("save_checkpoint", self._srv_save, fallback=_failed_response))
         self._setup_diagnostics()
         log.info(f"backend {cfg.runtime.backend}, classes {self.class_set.name}, adaptation "
                  f"{'on (' + cfg.adapt.method + ')' if adapter else 'off'}, threads {budget}; "
@@ -195,7 +206,7 @@ class Pl3dNode(Node):
         T = self.extrinsics.get(camera, lidar)
         if T is None:
             self._waiting_tf += 1
-            self.get_logger().warn(f"waiting for the transform {lidar} -> {camera} (tf2, or set "
+            self.get_logger().warning(f"waiting for the transform {lidar} -> {camera} (tf2, or set "
                                    "frames.static_extrinsics); frame skipped",
                                    throttle_duration_sec=5.0)
             return
@@ -205,7 +216,7 @@ class Pl3dNode(Node):
                                         camera_frame=camera)
         except (FrameError, MessageError) as exc:
             self._rejected += 1
-            self.get_logger().warn(f"synced set rejected: {exc}", throttle_duration_sec=5.0)
+            self.get_logger().warning(f"synced set rejected: {exc}", throttle_duration_sec=5.0)
             return
         self._seq += 1
         self.runner.submit(frame)
@@ -216,7 +227,7 @@ class Pl3dNode(Node):
             try:
                 ts = self.tf_buffer.lookup_transform(camera, lidar, rclpy.time.Time())
             except tf2_ros.TransformException as exc:
-                self.get_logger().warn(f"transform {lidar} -> {camera} not available yet: {exc}",
+                self.get_logger().warning(f"transform {lidar} -> {camera} not available yet: {exc}",
                                        throttle_duration_sec=5.0)
                 continue
             try:
@@ -253,22 +264,28 @@ class Pl3dNode(Node):
             self.pub_debug["cyclic"].publish(Float64(data=float(timing.cyclic_ms)))
 
     # -- services --------------------------------------------------------------------------------------
-    # They run on the executor thread and wait for an adaptation step in progress to finish.
+    # A reset or save waits for the adaptation step in progress (seconds on a CPU): they run on the
+    # runner's service thread, and the service answers at once, so the single executor thread
+    # keeps taking frames, retrying tf and publishing diagnostics meanwhile.
 
     def _srv_reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
-        try:
-            self.runner.reset_adaptation()
-            response.success, response.message = True, "adaptation reset to the source model"
-        except Exception as exc:
-            response.success, response.message = False, f"{type(exc).__name__}: {exc}"
+        if self.runner.adapter is None:
+            response.success, response.message = False, "adaptation is off (adapt.method is source)"
+            return response
+        self.runner.in_background("reset_adaptation", self.runner.reset_adaptation)
+        response.success = True
+        response.message = "reset to the source model requested (applied after the adaptation step in progress)"
         return response
 
     def _srv_save(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
-        try:
-            path = self.runner.save_adaptation(self.cfg.adapt.checkpoint_path or None)
-            response.success, response.message = True, f"saved {path}"
-        except Exception as exc:
-            response.success, response.message = False, f"{type(exc).__name__}: {exc}"
+        path = self.cfg.adapt.checkpoint_path
+        if self.runner.adapter is None or not path:
+            response.success = False
+            response.message = ("adaptation is off (adapt.method is source)" if self.runner.adapter is None
+                                else "adapt.checkpoint_path is empty: no place to save to")
+            return response
+        self.runner.in_background("save_checkpoint", self.runner.save_adaptation, path)
+        response.success, response.message = True, f"saving the adapted model to {path} (logged when written)"
         return response
 
     # -- diagnostics -----------------------------------------------------------------------------------
@@ -276,15 +293,11 @@ class Pl3dNode(Node):
     def _setup_diagnostics(self) -> None:
         from diagnostic_updater import Updater
 
-        period = self.cfg.node.diagnostics_period_s
-        try:
-            self.updater = Updater(self, period=period)
-        except TypeError:  # older diagnostic_updater: no period argument, no own timer
-            self.updater = Updater(self)
-            self.create_timer(period, self.updater.update)
+        self.updater = Updater(self, period=self.cfg.node.diagnostics_period_s)  # every release takes period
         self.updater.setHardwareID("pl3d_ros")
-        self.updater.add("processing_time", self._diag_processing)
-        self.updater.add("adaptation", self._diag_adaptation)
+        guard = self.guard.wrap
+        self.updater.add("processing_time", guard("diagnostics", self._diag_processing, fallback=lambda stat: stat))
+        self.updater.add("adaptation", guard("diagnostics", self._diag_adaptation, fallback=lambda stat: stat))
 
     def _diag_processing(self, stat: Any) -> Any:
         health = self.runner.health()
@@ -294,6 +307,7 @@ class Pl3dNode(Node):
             stat.add(key, value)
         stat.add("frames_waiting_for_tf", str(self._waiting_tf))
         stat.add("synced_sets_rejected", str(self._rejected))
+        stat.add("callback_errors", str(self.guard.total))
         return stat
 
     def _diag_adaptation(self, stat: Any) -> Any:
@@ -313,12 +327,19 @@ class Pl3dNode(Node):
         """Stop the threads within node.stop_timeout_s; the adapter writes its final checkpoint
         to adapt.checkpoint_path (when set) as it stops."""
         if not self.runner.stop(self.cfg.node.stop_timeout_s):
-            self.get_logger().warn(f"threads did not stop within {self.cfg.node.stop_timeout_s} s")
+            self.get_logger().warning(f"threads did not stop within {self.cfg.node.stop_timeout_s} s")
+
+
+def _failed_response(request: Any, response: Any) -> Any:
+    """What a guarded service answers when its callback raised (the error is logged)."""
+    response.success, response.message = False, "failed: see the node's log"
+    return response
 
 
 def main(args: list[str] | None = None) -> int:
     """Entry point of ``ros2 run pl3d_ros pl3d_node`` (console script ``pl3d_node``)."""
     rclpy.init(args=args)
+    bridge_logging(rclpy.logging.get_logger(NODE_NAME))  # library logs -> console, /rosout, log file
     node: Pl3dNode | None = None
     try:
         try:
@@ -339,8 +360,7 @@ def main(args: list[str] | None = None) -> int:
         if node is not None:
             node.shutdown()
             node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
+        rclpy.try_shutdown()  # a Ctrl-C may have shut the context down already
     return 0
 
 

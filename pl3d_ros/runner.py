@@ -24,6 +24,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -33,6 +34,7 @@ import numpy as np
 from pl3d_ros.config import Config
 from pl3d_ros.cpu_budget import ThreadBudget, WeightDeployer, lower_thread_priority
 from pl3d_ros.frame import Frame, Prediction
+from pl3d_ros.guard import Throttle
 from pl3d_ros.health import AdapterHealth, FrameTiming, Health
 
 log = logging.getLogger(__name__)
@@ -154,24 +156,6 @@ class RunnerSettings:
                    n.stats_window, n.stop_timeout_s, ThreadBudget.from_config(cfg, adapting))
 
 
-class _Throttle:
-    """Log an error the first time, then at most once per ``period_s`` per key (with a count)."""
-
-    def __init__(self, period_s: float = 5.0) -> None:
-        self.period_s = period_s
-        self._last: dict[str, float] = {}
-        self._count: dict[str, int] = {}
-
-    def __call__(self, key: str, msg: str, exc: BaseException) -> None:
-        self._count[key] = self._count.get(key, 0) + 1
-        now = time.monotonic()
-        if now - self._last.get(key, -1e18) >= self.period_s:
-            first = key not in self._last
-            self._last[key] = now
-            log.error("%s (%d so far): %s: %s", msg, self._count[key], type(exc).__name__, exc,
-                      exc_info=exc if first else None)
-
-
 class Runner:
     """Latest-frame slot + inference thread + adapter hand-off (module docstring).
 
@@ -209,7 +193,8 @@ class Runner:
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._restore_threads: int | None = None
-        self._throttle = _Throttle()
+        self._throttle = Throttle(logger=log)
+        self._services: ThreadPoolExecutor | None = None
         self._adapter_started = False
         # counters and statistics (under self._lock)
         self._in_flight = 0
@@ -309,6 +294,8 @@ class Runner:
                 ok = False
         if self.deployer is not None:
             self.deployer.close(max(0.0, deadline - time.monotonic()))
+        if self._services is not None:
+            self._services.shutdown(wait=False, cancel_futures=True)
         if self._restore_threads is not None:
             import torch
 
@@ -330,6 +317,25 @@ class Runner:
         if self.adapter is None:
             raise RuntimeError("adaptation is off (adapt.method is source, or no adapter)")
         return self.adapter.save(path) if path else self.adapter.save()
+
+    def in_background(self, name: str, fn: Callable[..., Any], *args: Any) -> Future:
+        """Run ``fn(*args)`` on the runner's service thread and return at once (the node's
+        services: a reset or save waits for the adaptation step in progress, seconds on a CPU,
+        which must not block the executor that takes frames). The outcome is logged."""
+        with self._lock:
+            if self._services is None:
+                self._services = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pl3d-service")
+            fut = self._services.submit(fn, *args)
+
+        def done(f: Future) -> None:
+            exc = f.exception()
+            if exc is not None:
+                log.error("%s failed: %s: %s", name, type(exc).__name__, exc)
+            else:
+                log.info("%s done%s", name, f": {f.result()}" if f.result() is not None else "")
+
+        fut.add_done_callback(done)
+        return fut
 
     # -- the inference thread ------------------------------------------------------------------------
 
@@ -381,7 +387,9 @@ class Runner:
         latency = None
         if self.stamp_clock is not None:
             try:
-                latency = (int(self.stamp_clock()) - frame.stamp_ns) * 1e-6
+                now = int(self.stamp_clock())
+                # 0: a ROS clock on sim time before the first /clock message: no latency yet
+                latency = (now - frame.stamp_ns) * 1e-6 if now > 0 else None
             except Exception as exc:
                 self._throttle("stamp_clock", "stamp clock failed", exc)
         total = (t2 - t0) * 1e3

@@ -258,3 +258,37 @@ def test_threads_do_not_block_offer():
     h = ad.health()
     # every frame offered was dropped, stepped, or is still waiting
     assert h.frames_offered == 20 and h.frames_dropped + h.frames + h.buffered == 20
+
+
+def test_non_finite_weights_never_go_live():
+    """A finite loss with NaN gradients would deploy a NaN teacher (every point labelled 0 with
+    NaN confidence): the step is rolled back and counted, nothing non-finite reaches on_weights."""
+    calls = []
+    cfg = make_cfg(method="pl", swap_every_steps=1)
+    ad = Adapter(confident_model(), header(), cfg, on_weights=calls.append, seed=0)
+    student = ad.method.models.student
+    bn = next(m for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    handle = bn.weight.register_hook(lambda g: torch.full_like(g, float("nan")))
+    before = {k: v.clone() for k, v in ad.teacher.state_dict().items()}
+    stats = ad.step(synthetic_frame(0))
+    assert "non-finite weights" in stats["error"]
+    assert all(torch.equal(before[k], v) for k, v in ad.teacher.state_dict().items())  # rolled back
+    assert not calls and ad.health().errors == 1
+    handle.remove()
+    assert "error" not in ad.step(synthetic_frame(1, seq=1))  # and adaptation goes on
+    assert len(calls) == 1 and all(torch.isfinite(v).all() for v in calls[0].values() if v.is_floating_point())
+
+
+def test_a_deployed_network_with_non_finite_outputs_is_replaced_by_the_source():
+    calls = []
+    ad = Adapter(confident_model(), header(), make_cfg(method="pl", swap_every_steps=100),
+                 on_weights=calls.append, seed=0)
+    with torch.no_grad():  # finite weights, NaN outputs: a negative BN running variance
+        bn = next(m for m in ad.method.models.teacher.range.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        bn.running_var.fill_(-1.0)
+    stats = ad.step(synthetic_frame(0))
+    assert "not finite" in stats["error"]
+    src = ad.method.models.source.state_dict()
+    assert all(torch.equal(v, src[k]) for k, v in ad.teacher.state_dict().items())
+    assert len(calls) == 1 and ad.health().restores == 1
+    assert "error" not in ad.step(synthetic_frame(1, seq=1))

@@ -463,7 +463,8 @@ def _stub_ros(monkeypatch, overrides: dict, published: dict, registry: dict) -> 
             self.tasks[name] = fn
 
     qos = types.SimpleNamespace
-    module("rclpy", init=lambda args=None: None, ok=lambda: True, shutdown=lambda: None)
+    module("rclpy", init=lambda args=None: None, ok=lambda: True, shutdown=lambda: None,
+           try_shutdown=lambda: None)
     module("rclpy.logging", get_logger=lambda name: Logger())
     module("rclpy.time", Time=lambda: 0)
     module("rclpy.node", Node=Node)
@@ -569,6 +570,56 @@ def test_node_glue_on_stub_ros(monkeypatch, request, synthetic_bag, tmp_path):
     assert stat.message == "adaptation off"
     response = registry["services"]["~/reset_adaptation"](None, __import__("types").SimpleNamespace())
     assert response.success is False and "adaptation is off" in response.message
+
+    # A callback that raises (a message the converters never anticipated) is counted and logged;
+    # it returns instead of propagating into (and ending) the executor's spin().
+    assert registry["on_synced"](None, None, None) is None
+    assert node.guard.errors()["synced_input"] == 1
+    stat = registry["diag"]["processing_time"](Stat())
+    assert stat.v_callback_errors == "1"
+
+
+def test_services_answer_at_once_while_the_adapter_is_busy(monkeypatch, request, synthetic_bag, tmp_path):
+    """~/reset_adaptation must not wait for the adaptation step in progress (the executor's only
+    thread would stop taking frames): the work is handed to the runner's service thread."""
+    import threading
+    import types
+
+    from fakes import FakeAdapter, header, small_model
+    from pl3d_ros.models.checkpoint import save_checkpoint
+
+    model_path = save_checkpoint(tmp_path / "small.safetensors", small_model(), header())
+    published: dict[str, list] = {}
+    registry: dict = {}
+    _stub_ros(monkeypatch, {"runtime.model": str(model_path), "runtime.backend": "torch",
+                            "runtime.device": "cpu", "adapt.method": "source",
+                            "adapt.checkpoint_path": str(tmp_path / "adapted.safetensors")},
+              published, registry)
+    request.addfinalizer(lambda: sys.modules.pop("pl3d_ros.node", None))
+    import pl3d_ros.node as node_mod
+
+    node = node_mod.Pl3dNode()
+    step_done = threading.Event()
+
+    class BusyAdapter(FakeAdapter):
+        def reset(self):
+            step_done.wait(10)  # the adapter lock is held by a step
+            super().reset()
+
+    busy = BusyAdapter()
+    node.runner.adapter = busy
+    t0 = time.monotonic()
+    response = registry["services"]["~/reset_adaptation"](None, types.SimpleNamespace())
+    assert time.monotonic() - t0 < 0.5 and response.success and "requested" in response.message
+    assert busy.resets == 0
+    step_done.set()
+    deadline = time.monotonic() + 5
+    while busy.resets == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    response = registry["services"]["~/save_checkpoint"](None, types.SimpleNamespace())
+    assert response.success and "adapted.safetensors" in response.message
+    node.shutdown()
 
 
 # ------------------------------------------------------------------------------- the real node

@@ -446,3 +446,39 @@ def test_real_segmenter_end_to_end_on_bag_frames(bag_frames):
     assert [t.stamp_ns for t in timings] == [c[0] for c in clouds]
     assert {"preprocess", "inference", "postprocess", "output", "total"} <= set(timings[0].stages_ms)
     assert health.pipeline_latency_ms_last is not None and health.pipeline_latency_ms_last >= 0.0
+
+
+def test_no_pipeline_latency_while_the_sim_clock_is_unset(bag_frames):
+    """With use_sim_time the ROS clock reads 0 until the first /clock message: no latency then."""
+    clock_ns = {"now": 0}
+    runner = Runner(SleepySegmenter(0.0), None, stamp_clock=lambda: clock_ns["now"])
+    runner.start()
+    try:
+        runner.submit(clone(bag_frames[0], 5 * NS))
+        wait_for(lambda: runner.health().frames_out == 1)
+        assert runner.health().pipeline_latency_ms_last is None
+        clock_ns["now"] = 6 * NS
+        runner.submit(clone(bag_frames[1], 5 * NS + 1))
+        wait_for(lambda: runner.health().frames_out == 2)
+        assert runner.health().pipeline_latency_ms_last == pytest.approx(1000.0, abs=1e-3)
+    finally:
+        assert runner.stop(5.0)
+
+
+def test_background_service_work_returns_at_once():
+    gate = threading.Event()
+
+    class Slow(FakeAdapter):
+        def reset(self):
+            gate.wait(10)
+            super().reset()
+
+    adapter = Slow()
+    runner = Runner(SleepySegmenter(0.0), None, adapter)
+    t0 = time.monotonic()
+    fut = runner.in_background("reset_adaptation", runner.reset_adaptation)
+    assert time.monotonic() - t0 < 0.2 and not fut.done()
+    gate.set()
+    fut.result(timeout=5)
+    assert adapter.resets == 1
+    runner.stop(1.0)

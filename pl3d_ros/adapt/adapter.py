@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import torch
 
-from pl3d_ros.adapt.methods import Method, build_method
+from pl3d_ros.adapt.methods import Method, NonFiniteOutputs, build_method
 from pl3d_ros.adapt.quality import QualityTotals
 from pl3d_ros.adapt.state import frame_state
 from pl3d_ros.config import Config
@@ -166,6 +166,12 @@ class Adapter:
                         self.method.rollback(snap)
                     except Exception:  # noqa: BLE001
                         log.error("rollback failed:\n%s", traceback.format_exc())
+                if isinstance(exc, NonFiniteOutputs):
+                    # The weights deployed before this frame are broken: rolling back keeps them.
+                    log.error("the deployed network computes non-finite outputs: restoring the source")
+                    self.method.reset()
+                    self._restores += 1
+                    self._emit_weights()
                 stats = {"error": self._last_error}
             self._last_step_ms = (time.perf_counter() - t0) * 1e3
             stats["ms"] = self._last_step_ms
@@ -193,8 +199,15 @@ class Adapter:
     def _emit_weights(self) -> None:
         if self.on_weights is None:
             return
+        state = self.method.models.teacher_state()
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:  # never deploy NaN / inf (the step checks already; this guards every path)
+            self._count_error()
+            self._last_error = f"non-finite weights not deployed: {', '.join(bad[:3])}"
+            log.error("%s", self._last_error)
+            return
         try:
-            self.on_weights(self.method.models.teacher_state())
+            self.on_weights(state)
         except Exception as exc:  # noqa: BLE001 - a failed swap leaves the old weights deployed
             self._count_error()
             self._last_error = f"on_weights: {type(exc).__name__}: {exc}"

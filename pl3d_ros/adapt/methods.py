@@ -35,6 +35,10 @@ from pl3d_ros.inputs import forward_points
 from pl3d_ros.models.checkpoint import CheckpointHeader
 
 
+class NonFiniteOutputs(FloatingPointError):
+    """The deployed network computes NaN / inf on a frame: its weights are unusable."""
+
+
 class Method:
     """Shared plumbing: the teacher/student pair, the optimizer step, undo and reset."""
 
@@ -107,6 +111,12 @@ class Method:
         loss.backward()
         opt.step()
         self.models.update_teacher()
+        # A finite loss can still have NaN gradients (or an lr that overflows the update): such
+        # weights must never reach the backend. Raising makes the adapter roll the frame back.
+        bad = self.models.nonfinite()
+        if bad:
+            raise FloatingPointError(f"{self.name}: non-finite weights after the step ({', '.join(bad[:3])}"
+                                     f"{', ...' if len(bad) > 3 else ''})")
 
 
 class Source(Method):
@@ -137,9 +147,12 @@ class Tent(Method):
 
 
 def teacher_pass(models: TeacherStudent, state: FrameState) -> TeacherOutput:
-    """The deployed network's probabilities on the frame (no gradient)."""
+    """The deployed network's probabilities on the frame (no gradient). Non-finite outputs
+    (finite weights can still overflow on an input) raise FloatingPointError."""
     with torch.no_grad():
         p2, p3, pf = forward_points(models.teacher, state.inputs).probs(state.in_view)
+    if not (bool(torch.isfinite(pf).all()) and bool(torch.isfinite(p2).all())):
+        raise NonFiniteOutputs("the deployed network's outputs on this frame are not finite")
     return TeacherOutput(p2, p3, pf)
 
 

@@ -136,6 +136,22 @@ class TeacherStudent:
         named = dict(self.student.named_parameters())
         return make_optimizer([named[n] for n in self.params], self.optimizer_kind, self.lr)
 
+    @torch.no_grad()
+    def nonfinite(self) -> list[str]:
+        """Names of trainable parameters or state buffers of student or teacher holding a NaN or
+        an infinity (empty when all are finite)."""
+        bad = []
+        for tag, net in (("student", self.student), ("teacher", self.teacher)):
+            named_p, named_b = dict(net.named_parameters()), dict(net.named_buffers())
+            for n in self.params:
+                if not bool(torch.isfinite(named_p[n]).all()):
+                    bad.append(f"{tag}.{n}")
+            for n in self.buffers:
+                t = named_b[n]
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    bad.append(f"{tag}.{n}")
+        return bad
+
     def update_teacher(self) -> None:
         """EMA with the Mean Teacher warm-up: momentum min(m, 1 - 1/(t + 1)) at update t, so on a
         short stream the teacher follows the student instead of staying ~source for ~1/(1-m)

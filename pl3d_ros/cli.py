@@ -48,14 +48,15 @@ def cmd_kitti2bag(args: argparse.Namespace) -> int:
 
 
 def cmd_bag_info(args: argparse.Namespace) -> int:
-    from pl3d_ros.io.bag import BagReader, BagTopics
+    from pl3d_ros.io.bag import BagReader
 
-    reader = BagReader(args.bag, BagTopics(args.image_topic, args.camera_info_topic, args.cloud_topic),
-                       slop_s=args.slop)
+    cfg = _config(args, reading=True)
+    o = _read_options(args, cfg)
+    reader = BagReader(args.bag, o.topics, slop_s=o.slop_s, T_cam_lidar=o.T_cam_lidar)
     info = reader.info()
     if args.json:
         print(json.dumps(info, indent=2))
-        return 0
+        return 0 if "sync" in info else 1
     print(f"bag:       {info['path']}")
     print(f"duration:  {info['duration_s']:.3f} s, {info['messages']} messages")
     print(f"{'topic':<28} {'type':<32} {'count':>6} {'rate Hz':>8}")
@@ -69,14 +70,12 @@ def cmd_bag_info(args: argparse.Namespace) -> int:
         print(f"tf frames: {', '.join(info['tf_frames']) or 'none'}")
     else:
         print(f"sync:      impossible: {info['sync_error']}")
+    from pl3d_ros.io.sources import describe_skips
+
     st = info["stats"]
-    reasons = ", ".join(f"{k} {st[k]}" for k in ("no_image", "no_camera_info", "out_of_order",
-                                                  "duplicate", "undecodable") if st[k])
     print(f"synced frames: {info['synced_frames']}, skipped {st['skipped']}"
-          + (f" ({reasons})" if reasons else ""))
-    if st["truncated"]:
-        print(f"WARNING: bag ended early: {st['error']}")
-    return 0
+          + (f" ({describe_skips(st)})" if st["skipped"] or st["truncated"] else ""))
+    return 0 if "sync" in info else 1  # a replay of this bag would fail: say so to scripts too
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -109,13 +108,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
         changes["adapt.disable"] = [c.strip() for c in args.disable.split(",") if c.strip()]
     if args.steps_per_frame:
         changes["adapt.steps_per_frame"] = args.steps_per_frame
-    cfg = _config(args).replace(**{k: v for k, v in changes.items() if v is not None})
+    cfg = _config(args, reading=True).replace(**{k: v for k, v in changes.items() if v is not None})
     if cfg.adapt.disable and cfg.adapt.method != "full":
         from pl3d_ros.config import ConfigError
 
         raise ConfigError("--disable applies to --method full only")
     opts = ReplayOptions(corrupt=args.corrupt or "", mode=args.mode, seed=args.seed, max_frames=args.max_frames,
-                         write_bag=not args.no_bag, label=args.label or "", config=cfg)
+                         write_bag=not args.no_bag, label=args.label or "", config=cfg,
+                         topics=_read_options(args, cfg).topics)
     bar = tqdm(desc=f"replay {cfg.adapt.method}", unit="frame", file=sys.stderr, dynamic_ncols=True,
                total=args.max_frames)
 
@@ -125,10 +125,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     metrics = replay(args.input, args.model, args.out, opts, progress)
     bar.close()
+    scored = (f"mIoU fused {metrics['miou']['fused']:.1f} / 2D {metrics['miou']['2d']:.1f} / "
+              f"3D {metrics['miou']['3d']:.1f} over {metrics['frames_scored']} scored frames"
+              if metrics["frames_scored"] else "no ground-truth labels: nothing scored")
     print(f"{metrics['label']} on {metrics['input']} ({metrics['corruption']}, {metrics['mode']}): "
-          f"mIoU fused {metrics['miou']['fused']:.1f} / 2D {metrics['miou']['2d']:.1f} / "
-          f"3D {metrics['miou']['3d']:.1f} over {metrics['frames']} frames; "
+          f"{metrics['frames_processed']} frames labelled; {scored}; "
           f"{metrics['adapt_steps']} adaptation steps, {metrics['weight_swaps']} weight swaps")
+    for i in metrics["inputs_read"]:
+        if i.get("skipped") or i.get("truncated"):
+            print(f"WARNING: {i['input']}: {i.get('skipped', 0)} frame(s) skipped: {i['skip_reasons']}")
     for stage, v in metrics["pseudo_labels"].items():
         print(f"pseudo-labels {stage}: density {v['density']}% (in view {v.get('density_in_view')}%), "
               f"precision {v['precision']}%")
@@ -166,11 +171,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config(args: argparse.Namespace):
-    """The settings of ``--config`` (a params file or nested YAML), else the defaults."""
+def _config(args: argparse.Namespace, reading: bool = False):
+    """The settings of ``--config`` (a params file or nested YAML), else the defaults; with
+    ``reading``, ``--slop`` and ``--extrinsics`` override sync.slop_s / frames.static_extrinsics."""
     from pl3d_ros.config import Config
 
-    return Config.from_yaml(args.config) if getattr(args, "config", None) else Config()
+    cfg = Config.from_yaml(args.config) if getattr(args, "config", None) else Config()
+    if reading:
+        changes = {}
+        if getattr(args, "slop", None) is not None:
+            changes["sync.slop_s"] = args.slop
+        if getattr(args, "extrinsics", None):
+            changes["frames.static_extrinsics"] = [v for v in args.extrinsics.replace(",", " ").split()]
+        cfg = cfg.replace(**changes) if changes else cfg
+    return cfg
+
+
+def _add_read_options(p: argparse.ArgumentParser) -> None:
+    """The options every command that reads bags shares (topics, slop, extrinsics)."""
+    p.add_argument("--image-topic", default=None, help="image topic (default /camera/image_raw, else the "
+                   "bag's only Image topic); a name given here must be in the bag")
+    p.add_argument("--camera-info-topic", default=None, help="CameraInfo topic (default /camera/camera_info)")
+    p.add_argument("--cloud-topic", default=None, help="PointCloud2 topic (default /lidar/points)")
+    p.add_argument("--slop", type=float, default=None, help="sync.slop_s: largest image-cloud stamp "
+                   "difference that pairs, s (default: the --config's, 0.05)")
+    p.add_argument("--extrinsics", default=None, help="frames.static_extrinsics: 16 numbers, row-major "
+                   "4x4 T_cam_lidar (LiDAR -> camera optical), instead of the bag's TF")
+
+
+def _read_options(args: argparse.Namespace, cfg):
+    """ReadOptions from the command's topic options and the settings' slop and extrinsics."""
+    from pl3d_ros.eval.replay import read_options
+    from pl3d_ros.io.bag import BagTopics
+
+    return read_options(cfg, BagTopics.given(args.image_topic, args.camera_info_topic, args.cloud_topic))
 
 
 def _join_paths(paths) -> str:
@@ -240,10 +274,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pl3d_ros.io.sources import load_frames
 
     changes = {"runtime.backend": args.backend, "runtime.precision": args.precision, "runtime.threads": args.threads}
-    cfg = _config(args).replace(**{k: v for k, v in changes.items() if v is not None})
+    cfg = _config(args, reading=True).replace(**{k: v for k, v in changes.items() if v is not None})
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
-    frames = load_frames(args.data, require_labels=True)
+    frames = load_frames(args.data, require_labels=True, options=_read_options(args, cfg))
     app = build(cfg, checkpoint=args.checkpoint, adapt=False, threads=cfg.runtime.threads)
     seg, header = app.segmenter, app.header
     seg.infer(frames[0])  # warm-up: first-run allocations are not the latency a user sees
@@ -318,10 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("bag")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--slop", type=float, default=0.05, help="sync tolerance in seconds (default 0.05)")
-    p.add_argument("--image-topic", default="/camera/image_raw")
-    p.add_argument("--camera-info-topic", default="/camera/camera_info")
-    p.add_argument("--cloud-topic", default="/lidar/points")
+    p.add_argument("--config", default=None, help="settings YAML (its sync.slop_s, frames.static_extrinsics)")
+    _add_read_options(p)
     p.set_defaults(func=cmd_bag_info)
 
     p = sub.add_parser(
@@ -387,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=registry.PRECISIONS, default=None, help="runtime.precision (TensorRT)")
     p.add_argument("--threads", type=int, default=None, help="runtime.threads")
     p.add_argument("--config", default=None, help="settings YAML (a params file or nested sections)")
+    _add_read_options(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -414,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=int, default=None)
     p.add_argument("--no-bag", action="store_true", help="skip the labeled output bag")
     p.add_argument("--label", default=None, help="run name in tables and plots")
+    _add_read_options(p)
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser(
@@ -472,6 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pl3d_ros.io.bag import BagError
     from pl3d_ros.io.kitti import KittiError
     from pl3d_ros.config import ConfigError
+    from pl3d_ros.eval.replay import ReplayError
     from pl3d_ros.labels import ClassSetError
     from pl3d_ros.models.checkpoint import CheckpointError
     from pl3d_ros.runtime.base import BackendError
@@ -479,7 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (BagError, KittiError, FrameError, CheckpointError, ConfigError, ClassSetError, BackendError,
-            FileNotFoundError) as exc:
+            ReplayError, FileNotFoundError) as exc:
         print(f"pl3d {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -203,17 +203,34 @@ def wait_for(cond, timeout: float = 10.0, step: float = 0.005) -> None:
         time.sleep(step)
 
 
-def write_synthetic_bag(path, n: int = 3):
-    """A bag in `pl3d kitti2bag`'s layout holding ``n`` synthetic frames (with a raw ``label``
-    field and the /tf_static extrinsics), for tests that need a recording but no dataset."""
+def write_synthetic_bag(path, n: int = 3, *, labels: bool = True, image_offset_ns: int = 0,
+                        cloud_stamps_ns: list[int] | None = None, info_width: int | None = None):
+    """A bag in `pl3d kitti2bag`'s layout holding ``n`` synthetic frames (a raw ``label`` field
+    unless ``labels`` is False, and the /tf_static extrinsics), for tests that need a recording
+    but no dataset. ``image_offset_ns`` shifts image + CameraInfo stamps; ``cloud_stamps_ns``
+    replaces the clouds' stamps (out of order, duplicates); ``info_width`` writes CameraInfos
+    that disagree with the images."""
+    import dataclasses
+
+    from pl3d_ros.io import ros_msgs
     from pl3d_ros.io.bag import BagWriter
     from pl3d_ros.transforms import invert
 
     with BagWriter(path) as w:
+        f0 = synthetic_frame(0)
+        w.write_static_transform(f0.stamp_ns, "velodyne", "camera_optical", invert(f0.camera.T_cam_lidar))
         for i in range(n):
             f = synthetic_frame(i, seq=i)
-            if i == 0:
-                w.write_static_transform(f.stamp_ns, "velodyne", "camera_optical", invert(f.camera.T_cam_lidar))
-            w.write_frame(f.stamp_ns, f.points, f.image, f.camera, "velodyne", "camera_optical",
-                          {"label": f.labels.astype(np.uint32)})
+            cam_stamp = f.stamp_ns + image_offset_ns
+            cloud_stamp = cloud_stamps_ns[i] if cloud_stamps_ns is not None else f.stamp_ns
+            camera = f.camera if info_width is None else dataclasses.replace(f.camera, width=info_width)
+            fac = w.factory
+            header = ros_msgs.make_header(fac, cam_stamp, "camera_optical")
+            w.write(w.topics.image, ros_msgs.make_image(fac, header, f.image), cam_stamp)
+            w.write(w.topics.camera_info, ros_msgs.make_camera_info(fac, header, camera), cam_stamp)
+            extra = {"label": f.labels.astype(np.uint32)} if labels else {}
+            cloud = ros_msgs.points_cloud_array(f.points, extra)
+            # logged in frame order, header stamped as asked (a recorder sees them in this order)
+            w.write(w.topics.cloud, ros_msgs.make_cloud(fac, ros_msgs.make_header(fac, cloud_stamp, "velodyne"),
+                                                        cloud), f.stamp_ns)
     return path

@@ -6,9 +6,14 @@ on one thread, frame after frame: reproducible with a seed. ``realtime`` runs th
 (inference thread + adaptation thread) with frames fed at their recorded rate, so slow adaptation
 means fewer steps and dropped inference frames count as they would on a robot.
 
+Unlabelled inputs (the normal case on a robot) are labelled, timed and their pseudo-labels
+measured; nothing is scored, and the report says so. No usable frame at all raises ReplayError.
+
 Writes into the output folder:
-    metrics.json    the keys of ``pl3d eval`` + method, corruption, mode, adapt_steps,
-                    weight_swaps, pseudo_labels {"base"|"refined"|"filtered": {density, precision}} (%)
+    metrics.json    the keys of ``pl3d eval`` (``frames``: the scored ones) + method, corruption,
+                    mode, adapt_steps, weight_swaps, pseudo_labels {"base"|"refined"|"filtered":
+                    {density, precision}} (%), frames_processed / frames_scored, and per input
+                    what was read and skipped by reason (inputs_read, frames_skipped)
     report.md       per-class tables and the run's settings
     miou_over_frames.png, confusion_fused.png, latency_hist.png
     labeled.mcap/   a ROS 2 bag: camera, CameraInfo, /tf_static, the segmentation cloud
@@ -31,9 +36,10 @@ from pl3d_ros.config import Config
 from pl3d_ros.eval.corruptions import apply as apply_corruptions
 from pl3d_ros.eval.corruptions import parse_spec
 from pl3d_ros.eval.evaluate import score_prediction
-from pl3d_ros.eval.metrics import ConfusionMatrix, SegmentationScores, format_table
+from pl3d_ros.eval.metrics import ConfusionMatrix, SegmentationScores, format_table, percentiles
 from pl3d_ros.frame import Frame, Prediction
-from pl3d_ros.io.sources import open_source
+from pl3d_ros.io.bag import BagTopics
+from pl3d_ros.io.sources import ReadOptions, describe_skips, open_source
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +62,18 @@ class ReplayOptions:
     plots: bool = True
     label: str = ""
     config: Config = field(default_factory=Config)
+    topics: BagTopics = field(default_factory=BagTopics)  # slop and extrinsics: config sync / frames
+
+
+class ReplayError(RuntimeError):
+    """Nothing could be replayed (no usable frame in the inputs)."""
+
+
+def read_options(cfg: Config, topics: BagTopics | None = None) -> ReadOptions:
+    """Reading options from the settings: ``sync.slop_s``, ``frames.static_extrinsics``."""
+    ext = cfg.frames.static_extrinsics
+    return ReadOptions(topics or BagTopics(), cfg.sync.slop_s,
+                       np.asarray(ext, np.float64).reshape(4, 4) if ext else None)
 
 
 class LabeledBagWriter:
@@ -117,7 +135,8 @@ def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_di
     cfg = opts.config.validate()
     method = cfg.adapt.method
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
-    sources = [open_source(p) for p in inputs]  # fail early on a bad path, before the model loads
+    reading = read_options(cfg, opts.topics)
+    sources = [open_source(p, reading) for p in inputs]  # fail early on a bad path, before the model loads
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.runtime.threads:
@@ -132,6 +151,8 @@ def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_di
     corruptions = parse_spec(opts.corrupt, sensor=header.sensor)
 
     scores = SegmentationScores(class_set.num_classes)
+    latency: dict[str, list[float]] = {}  # every frame's, scored or not
+    counts = {"processed": 0, "scored": 0}
     per_frame: list[float] = []
     running: list[float] = []
     adapt_ms: list[float] = []
@@ -157,7 +178,11 @@ def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_di
                 t += 1
 
     def record(frame: Frame, pred: Prediction) -> None:
+        counts["processed"] += 1
+        for stage, ms in pred.timings_ms.items():
+            latency.setdefault(stage, []).append(float(ms))
         if frame.labels is not None:
+            counts["scored"] += 1
             gt = score_prediction(scores, frame, pred, class_set)
             cm = ConfusionMatrix(class_set.num_classes)
             cm.update(pred.labels[pred.in_view], gt[pred.in_view])
@@ -166,7 +191,7 @@ def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_di
         if bag:
             bag.write(frame, pred)
         if progress:
-            progress(len(per_frame), {"miou": running[-1] if running else float("nan")})
+            progress(counts["processed"], {"miou": running[-1] if running else float("nan")})
 
     t_start = time.perf_counter()
     ok = False
@@ -190,8 +215,16 @@ def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_di
         app.close()
     wall_s = time.perf_counter() - t_start
 
+    inputs_read = [{"input": str(src.path), "kind": src.kind, **src.stats,
+                    "skip_reasons": describe_skips(src.stats)} for src in sources]
+    if counts["processed"] == 0:
+        raise ReplayError("no frame could be used: " + "; ".join(
+            f"{i['input']}: {i['skip_reasons']}" for i in inputs_read))
+    if counts["scored"] == 0:
+        log.warning("the inputs carry no ground-truth labels: frames were labelled and timed, nothing was scored")
     health = adapter.health() if adapter is not None else None
     summary = scores.summary(class_set.names)
+    summary["latency_ms"] = {s: {k: round(v, 2) for k, v in percentiles(vals).items()} for s, vals in latency.items()}
     if adapt_ms:
         summary["latency_ms"]["adaptation"] = {k: round(float(np.percentile(adapt_ms, q)), 2)
                                                for k, q in (("p50", 50), ("p90", 90))}
@@ -205,6 +238,9 @@ def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_di
         "adapter_errors": health.errors if health else 0,
         "restores": {"collapse": health.collapse_restores if health else 0},
         "pseudo_labels": _pseudo_label_summary(adapter.pseudo_label_totals() if adapter else None),
+        "frames_processed": counts["processed"], "frames_scored": counts["scored"],
+        "inputs_read": inputs_read,
+        "frames_skipped": int(sum(i.get("skipped", 0) for i in inputs_read)),
         "wall_s": round(wall_s, 1),
         **summary,
         "miou_per_frame": [round(v, 2) for v in per_frame],
@@ -213,15 +249,15 @@ def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_di
     if runner_health:
         metrics["runner"] = runner_health
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    if opts.plots and per_frame:
+    if opts.plots:
         from pl3d_ros.eval.plots import plot_confusion, plot_latency, plot_series
 
-        plot_series({metrics["label"]: running}, out / "miou_over_frames.png",
-                    ylabel="running fused mIoU, in view (%)",
-                    title=f"{metrics['label']} ({metrics['corruption']})")
-        plot_confusion(np.asarray(summary["confusion"]["fused"]), class_set.names, out / "confusion_fused.png")
-        plot_latency(dict(scores.latency_ms) | ({"adaptation": adapt_ms} if adapt_ms else {}),
-                     out / "latency_hist.png")
+        if per_frame:
+            plot_series({metrics["label"]: running}, out / "miou_over_frames.png",
+                        ylabel="running fused mIoU, in view (%)",
+                        title=f"{metrics['label']} ({metrics['corruption']})")
+            plot_confusion(np.asarray(summary["confusion"]["fused"]), class_set.names, out / "confusion_fused.png")
+        plot_latency(latency | ({"adaptation": adapt_ms} if adapt_ms else {}), out / "latency_hist.png")
     (out / "report.md").write_text(markdown_report(metrics, class_set.names))
     return metrics
 
@@ -263,8 +299,13 @@ def markdown_report(metrics: dict[str, Any], names: list[str] | tuple[str, ...])
                                                  if metrics["disabled_components"] else ""),
              f"- corruption: {metrics['corruption']}; mode: {metrics['mode']}"
              + (f", {metrics['steps_per_frame']} adaptation step(s) per frame" if metrics["steps_per_frame"] else ""),
-             f"- frames: {metrics['frames']}, adaptation steps: {metrics['adapt_steps']}, "
+             f"- frames: {metrics['frames_processed']} labelled, {metrics['frames_scored']} scored"
+             + ("" if metrics["frames_scored"] else " (the inputs carry no ground-truth labels: nothing was scored)")
+             + f"; adaptation steps: {metrics['adapt_steps']}, "
              f"weight swaps: {metrics['weight_swaps']}, adapter errors: {metrics['adapter_errors']}",
+             "- inputs: " + "; ".join(f"`{i['input']}` {i['frames']} frames, skipped {i.get('skipped', 0)}"
+                                      + (f" ({i['skip_reasons']})" if i.get("skipped") or i.get("truncated") else "")
+                                      for i in metrics["inputs_read"]),
              f"- wall time: {metrics['wall_s']} s", "",
              "## mIoU (%)", "", "| | fused | 2D | 3D |", "|---|---|---|---|",
              f"| in view | {metrics['miou']['fused']} | {metrics['miou']['2d']} | {metrics['miou']['3d']} |",

@@ -51,13 +51,27 @@ def typestore(distro: str = "humble"):
 
 @dataclass
 class BagTopics:
-    """Topic names; None means: find the only topic of that type in the bag."""
+    """Topic names; None means: find the only topic of that type in the bag.
+
+    A default name that the bag lacks falls back to the bag's only topic of that type; a name in
+    ``required`` (one the user gave: ``--cloud-topic``) must be in the bag, or the read fails.
+    """
 
     image: str | None = "/camera/image_raw"
     camera_info: str | None = "/camera/camera_info"
     cloud: str | None = "/lidar/points"
     tf_static: str = "/tf_static"
     tf: str = "/tf"
+    required: frozenset[str] = frozenset()
+
+    @classmethod
+    def given(cls, image: str | None = None, camera_info: str | None = None,
+              cloud: str | None = None) -> BagTopics:
+        """The defaults, with the names a user gave replacing them and required to exist."""
+        named = {"image": image, "camera_info": camera_info, "cloud": cloud}
+        d = cls()
+        return cls(image or d.image, camera_info or d.camera_info, cloud or d.cloud,
+                   required=frozenset(k for k, v in named.items() if v))
 
 
 # ------------------------------------------------------------------------------------- writing
@@ -260,21 +274,22 @@ class BagReader:
             by_type.setdefault(msgtype, set()).add(topic)
 
         def pick(name: str | None, msgtype: str, role: str) -> str:
+            listing = ", ".join(f"{t} [{m}]" for t, m in sorted(present.items())) or "none"
             if name and name in present:
                 if present[name] != msgtype:
                     raise BagError(f"{role} topic {name} has type {present[name]}, expected {msgtype}")
                 return name
+            if name and role in self.topics.required:
+                raise BagError(f"bag {self.path} has no {role} topic {name}; topics: {listing}")
             candidates = sorted(by_type.get(msgtype, ()))
             if len(candidates) == 1:
                 if name:
                     log.info("%s topic %s not in the bag; using %s", role, name, candidates[0])
                 return candidates[0]
-            listing = ", ".join(f"{t} [{m}]" for t, m in sorted(present.items())) or "none"
             if not candidates:
                 raise BagError(f"bag {self.path} has no {msgtype} topic for the {role}; topics: {listing}")
-            raise BagError(
-                f"bag {self.path} has several {msgtype} topics {candidates}; name the {role} topic"
-            )
+            raise BagError(f"bag {self.path} has several {msgtype} topics {candidates}; choose one with "
+                           f"--{role.replace('_', '-')}-topic")
 
         t = self.topics
         return BagTopics(pick(t.image, IMAGE_TYPE, "image"), pick(t.camera_info, INFO_TYPE, "camera_info"),
@@ -421,7 +436,7 @@ class BagReader:
                     raise BagError(
                         f"bag {self.path}: no extrinsics from LiDAR frame {lidar_frame!r} to camera "
                         f"frame {camera_frame!r} in {self.topics.tf_static} or {self.topics.tf} ({exc}); "
-                        "pass them explicitly (--extrinsics)"
+                        "give them with --extrinsics (16 numbers, row-major T_cam_lidar)"
                     ) from exc
             T = cache[key]
         return frame_from_messages(s.image, s.info, s.cloud, T, seq=seq, camera_frame=camera_frame,

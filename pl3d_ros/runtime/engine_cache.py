@@ -11,7 +11,8 @@ plan's sha256 and size:
 ``load`` returns None (and logs why) when anything disagrees: no sidecar, unreadable sidecar,
 other key fields, or plan bytes whose size or sha256 differ from the sidecar's (a truncated or
 corrupt file). The caller then rebuilds, and ``store`` overwrites the entry. Writes are atomic
-(temp file in the same directory + fsync + ``os.replace``; the plan first, its sidecar after), so
+(``pl3d_ros.atomic_write``: temp file in the same directory + fsync + ``os.replace``; the plan
+first, its sidecar after; temps of killed writes are removed when a cache is opened), so
 a crash or a power cut mid-write leaves either the old entry, or a new plan whose old sidecar no
 longer matches it (which ``load`` rejects), never a half file that looks valid.
 
@@ -27,12 +28,13 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from pl3d_ros.atomic_write import atomic_write, clean_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -127,42 +129,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (best effort: not every OS/filesystem lets a directory be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``.
-
-    Same directory, so the rename never crosses filesystems (where it would stop being atomic).
-    The temp file is removed on any failure.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
 class EngineCache:
     """A directory of plans + sidecars. Thread-safe; safe across processes by atomic renames."""
 
@@ -178,6 +144,8 @@ class EngineCache:
         except OSError as exc:
             raise EngineCacheError(f"cannot create engine cache directory {self.dir}: {exc} "
                                    f"(set PL3D_ENGINE_CACHE to a writable directory)") from exc
+        # Temps of builds killed mid-write (a plan is hundreds of MB on a small Jetson disk).
+        clean_stale_temps(self.dir)
 
     def path(self, key: EngineKey) -> Path:
         """Where the plan for ``key`` lives (whether or not it exists yet)."""
@@ -253,8 +221,8 @@ class EngineCache:
         try:
             # Plan first, sidecar second: a crash in between leaves a plan whose (old or absent)
             # sidecar does not match it, which load() rejects.
-            _atomic_write(path, data)
-            _atomic_write(side, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+            atomic_write(path, data, make_dirs=False)
+            atomic_write(side, (json.dumps(meta, indent=2) + "\n").encode("utf-8"), make_dirs=False)
         except OSError as exc:
             raise EngineCacheError(f"cannot write engine {path}: {exc}") from exc
         log.info("cached engine %s (%.1f MB)", path, len(data) / 1e6)

@@ -1,11 +1,11 @@
 """On-disk cache of serialised TensorRT engines (plans), keyed so a stale plan is never loaded.
 
-A TensorRT plan only runs on the TensorRT release and the GPU model it was built with, and only
-means something for the exact ONNX graph and precision it was built from. So each entry is named
-by an :class:`EngineKey` over all five, and carries a JSON sidecar that repeats the key and the
-plan's sha256 and size:
+A TensorRT plan only runs on the TensorRT release (and that release's CUDA build) and the GPU
+model it was built with, and only means something for the exact ONNX graph and precision it was
+built from. So each entry is named by an :class:`EngineKey` over all six, and carries a JSON
+sidecar that repeats the key and the plan's sha256 and size:
 
-    <cache>/<onnx12>-<precision>-trt<version>-sm<cc>-<digest16>.engine        the plan
+    <cache>/<onnx12>-<precision>-trt<version>-cu<cuda>-sm<cc>-<digest16>.engine   the plan
     <cache>/<same name>.engine.json                                           its sidecar
 
 ``load`` returns None (and logs why) when anything disagrees: no sidecar, unreadable sidecar,
@@ -68,6 +68,9 @@ class EngineKey:
     gpu_name:           the GPU's product name, e.g. "NVIDIA GeForce RTX 4090". Two GPUs of one
                         compute capability still differ in SM count and memory, and TensorRT's
                         tactics are timed per model, so the name is part of the key.
+    cuda_major:         the CUDA major TensorRT is built for, e.g. "12": the same TensorRT
+                        version ships CUDA 12 and CUDA 13 builds (tensorrt-cu12 / -cu13), and a
+                        plan of one is not a plan of the other. "unknown" where it cannot be told.
     """
 
     onnx_sha256: str
@@ -75,22 +78,23 @@ class EngineKey:
     tensorrt_version: str
     compute_capability: str
     gpu_name: str
+    cuda_major: str
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not re.fullmatch(r"[0-9a-f]{64}", self.onnx_sha256):
             raise ValueError(f"onnx_sha256 must be 64 lower-case hex digits, got {self.onnx_sha256!r}")
-        for name in ("tensorrt_version", "compute_capability", "gpu_name"):
+        for name in ("tensorrt_version", "compute_capability", "gpu_name", "cuda_major"):
             if not getattr(self, name):
                 raise ValueError(f"EngineKey.{name} must not be empty")
 
     @classmethod
     def for_onnx(cls, onnx_bytes: bytes, precision: str, tensorrt_version: str,
-                 compute_capability: str, gpu_name: str) -> EngineKey:
+                 compute_capability: str, gpu_name: str, *, cuda_major: str) -> EngineKey:
         """The key of the engine built from ``onnx_bytes`` (hashes them)."""
         return cls(hashlib.sha256(onnx_bytes).hexdigest(), precision, tensorrt_version,
-                   compute_capability, gpu_name)
+                   compute_capability, gpu_name, cuda_major)
 
     def fields(self) -> dict[str, str]:
         """The key as a plain dict (what the sidecar stores and compares)."""
@@ -106,8 +110,8 @@ class EngineKey:
     def filename(self) -> str:
         """A readable, filename-safe name; the digest makes it unique (the GPU name is in it)."""
         cc = self.compute_capability.replace(".", "")
-        return _safe(f"{self.onnx_sha256[:12]}-{self.precision}-trt{self.tensorrt_version}-sm{cc}-"
-                     f"{self.digest}") + ENGINE_SUFFIX
+        return _safe(f"{self.onnx_sha256[:12]}-{self.precision}-trt{self.tensorrt_version}-"
+                     f"cu{self.cuda_major}-sm{cc}-{self.digest}") + ENGINE_SUFFIX
 
 
 def default_cache_dir() -> Path:

@@ -211,7 +211,9 @@ class SyncStats:
 
     Message-level counts as before: ``clouds`` / ``images`` / ``camera_infos`` decoded,
     ``duplicate`` clouds and images, ``undecodable`` messages of any topic, ``lost_messages``
-    per topic in corrupt chunks; ``truncated`` / ``error`` when a non-chunked read broke off.
+    per topic in corrupt chunks; ``truncated`` / ``error`` when a read through rosbags (sqlite3,
+    MCAP without a chunk index) broke off, after which nothing more is read or counted.
+    ``to_dict()`` is what a replay puts into metrics.json.
     """
 
     clouds: int = 0
@@ -299,6 +301,7 @@ class BagReader:
             raise BagError(f"bag {self.path} does not exist")
         if self.slop_s <= 0 or self.queue_size < 1:
             raise BagError(f"slop_s must be > 0 and queue_size >= 1, got {self.slop_s}, {self.queue_size}")
+        self._reset(None)
 
     # -- opening --------------------------------------------------------------------------------
 
@@ -401,12 +404,17 @@ class BagReader:
         """
         files = self._mcap_files()
         if files is not None:
+            readers: list[McapChunkReader] | None = []
             try:
-                readers = [McapChunkReader(f) for f in files]
+                for f in files:
+                    readers.append(McapChunkReader(f))
             except (McapFormatError, OSError) as exc:
                 log.debug("%s: chunk-level reading unavailable (%s); reading through rosbags",
                           self.path, exc)
-            else:
+                for r in readers:
+                    r.close()
+                readers = None
+            if readers is not None:
                 try:
                     yield from self._iter_mcap(readers, conns)
                 finally:

@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pl3d_ros.atomic_write import atomic_write
 from pl3d_ros.config import ModelConfig, RangeImageConfig
 from pl3d_ros.eval.metrics import IGNORE, ConfusionMatrix
 from pl3d_ros.frame import Frame
@@ -124,15 +123,8 @@ def save_train_state(path: Path, optimizer: torch.optim.Optimizer, meta: dict[st
             else:
                 scalars[f"{idx}.{k}"] = v
     info = {"meta": meta, "param_groups": sd["param_groups"], "scalars": scalars}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"pl3d_train": json.dumps(info)})
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    metadata = {"pl3d_train": json.dumps(info)}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_train_state(path: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -74,7 +74,7 @@ def cmd_bag_info(args: argparse.Namespace) -> int:
 
     st = info["stats"]
     print(f"synced frames: {info['synced_frames']}, skipped {st['skipped']}"
-          + (f" ({describe_skips(st)})" if st["skipped"] or st["truncated"] else ""))
+          + (f" (frames: {describe_skips(st)})" if st["frames_skipped"] or st["truncated"] else ""))
     return 0 if "sync" in info else 1  # a replay of this bag would fail: say so to scripts too
 
 
@@ -132,8 +132,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
           f"{metrics['frames_processed']} frames labelled; {scored}; "
           f"{metrics['adapt_steps']} adaptation steps, {metrics['weight_swaps']} weight swaps")
     for i in metrics["inputs_read"]:
-        if i.get("skipped") or i.get("truncated"):
-            print(f"WARNING: {i['input']}: {i.get('skipped', 0)} frame(s) skipped: {i['skip_reasons']}")
+        if i.get("frames_skipped") or i.get("truncated"):
+            print(f"WARNING: {i['input']}: {i.get('frames_skipped', 0)} frame(s) skipped: {i['skip_reasons']}")
     for stage, v in metrics["pseudo_labels"].items():
         print(f"pseudo-labels {stage}: density {v['density']}% (in view {v.get('density_in_view')}%), "
               f"precision {v['precision']}%")

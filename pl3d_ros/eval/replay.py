@@ -39,7 +39,7 @@ from pl3d_ros.eval.evaluate import score_prediction
 from pl3d_ros.eval.metrics import ConfusionMatrix, SegmentationScores, format_table, percentiles
 from pl3d_ros.frame import Frame, Prediction
 from pl3d_ros.io.bag import BagTopics
-from pl3d_ros.io.sources import ReadOptions, describe_skips, open_source
+from pl3d_ros.io.sources import ReadOptions, describe_skips, frames_skipped, open_source
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_di
         "pseudo_labels": _pseudo_label_summary(adapter.pseudo_label_totals() if adapter else None),
         "frames_processed": counts["processed"], "frames_scored": counts["scored"],
         "inputs_read": inputs_read,
-        "frames_skipped": int(sum(i.get("skipped", 0) for i in inputs_read)),
+        "frames_skipped": sum(frames_skipped(i) for i in inputs_read),
         "wall_s": round(wall_s, 1),
         **summary,
         "miou_per_frame": [round(v, 2) for v in per_frame],
@@ -303,8 +303,8 @@ def markdown_report(metrics: dict[str, Any], names: list[str] | tuple[str, ...])
              + ("" if metrics["frames_scored"] else " (the inputs carry no ground-truth labels: nothing was scored)")
              + f"; adaptation steps: {metrics['adapt_steps']}, "
              f"weight swaps: {metrics['weight_swaps']}, adapter errors: {metrics['adapter_errors']}",
-             "- inputs: " + "; ".join(f"`{i['input']}` {i['frames']} frames, skipped {i.get('skipped', 0)}"
-                                      + (f" ({i['skip_reasons']})" if i.get("skipped") or i.get("truncated") else "")
+             "- inputs: " + "; ".join(f"`{i['input']}` {i['frames']} frames, {frames_skipped(i)} skipped"
+                                      + (f" ({i['skip_reasons']})" if frames_skipped(i) or i.get("truncated") else "")
                                       for i in metrics["inputs_read"]),
              f"- wall time: {metrics['wall_s']} s", "",
              "## mIoU (%)", "", "| | fused | 2D | 3D |", "|---|---|---|---|",

@@ -44,9 +44,9 @@ class FrameSource:
             n = 0
             for frame in KittiSequence(self.path).frames():
                 n += 1
-                self.stats = {"frames": n, "skipped": 0}
+                self.stats = {"frames": n, "frames_skipped": 0}
                 yield frame
-            self.stats = {"frames": n, "skipped": 0}
+            self.stats = {"frames": n, "frames_skipped": 0}
             return
         o = self.options
         reader = BagReader(self.path, o.topics, slop_s=o.slop_s, T_cam_lidar=o.T_cam_lidar)
@@ -88,15 +88,20 @@ def load_frames(paths: list[str | Path], *, require_labels: bool = False,
     return frames
 
 
-#: SyncStats counters that count what was seen, not what was skipped.
-_SEEN = ("frames", "skipped", "synced", "clouds", "images", "camera_infos")
-
-
 def describe_skips(stats: dict[str, Any]) -> str:
-    """'no_image 2, out_of_order 1' for a source's stats (reports and errors)."""
-    reasons = {k: v for k, v in stats.items()
-               if k not in _SEEN and isinstance(v, int) and not isinstance(v, bool) and v}
-    text = ", ".join(f"{k} {v}" for k, v in reasons.items()) or "nothing skipped"
+    """'corrupt_chunk 2, no_image 1' for a source's stats: the frames skipped by reason (a bag's
+    ``SyncStats.skipped_frames``), what Frame construction dropped, and a bag that broke off."""
+    reasons = {k: v for k, v in (stats.get("skipped_frames") or {}).items() if v}
+    parts = [f"{k} {v}" for k, v in reasons.items()]
+    for key in ("dropped_points", "dropped_far", "zeroed_intensity"):
+        if stats.get(key):
+            parts.append(f"{key} {stats[key]} (points)")
+    text = ", ".join(parts) or "nothing skipped"
     if stats.get("truncated"):
         text += f"; the bag broke off: {stats.get('error')}"
     return text
+
+
+def frames_skipped(stats: dict[str, Any]) -> int:
+    """Clouds of an input that gave no Frame (0 for KITTI folders)."""
+    return int(stats.get("frames_skipped", 0) or 0)

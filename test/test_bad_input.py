@@ -9,11 +9,13 @@ Add a case by appending one line to ``CASES``:
 ``kind`` picks the code under test (``RUNNERS``): ``cloud`` (ros_msgs.cloud_to_points),
 ``cloud_frame`` (cloud_to_points then Frame), ``image`` (image_to_rgb), ``camera_info``
 (camera_model_from_info), ``frame`` (Frame(**kwargs)), ``tf`` (tf_message_transforms), ``bag``
-(BagReader(path): all frames, then its stats), ``checkpoint`` (load_checkpoint(path)). A builder
+(BagReader(path): all frames, then its stats), ``checkpoint`` (load_checkpoint(path)),
+``config`` (Config.from_dict), ``config_yaml`` (Config.from_yaml(path)), ``training_config``
+(TrainingConfig.from_dict) and ``replay`` (pl3d replay of (inputs, settings) with a tiny model,
+metrics dict back). A builder
 takes the case's ``Ctx`` (a temp directory, shared fixtures) and returns the input. The error
 must be exactly what ``expect`` names (or a subclass): a bare ValueError / TypeError / numpy
 error escaping is a failure. ``logs`` are the WARNING records of ``pl3d_ros`` loggers.
-Later work adds node, replay and config kinds the same way.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from pl3d_ros.config import Config, ConfigError, TrainingConfig
+from pl3d_ros.eval.replay import ReplayError
 from pl3d_ros.frame import CameraModel, Frame, FrameError
 from pl3d_ros.io import ros_msgs as rm
 from pl3d_ros.io.bag import BagError, BagReader, BagWriter
@@ -315,6 +319,33 @@ CASES = [
     Case("checkpoint/lying-architecture", "checkpoint", lambda c: ckpt_header(c, lambda h: h["model"].update(image_widths=[8, 16, 16])), CheckpointError, "do not fit the architecture"),
     Case("checkpoint/lying-input-spec", "checkpoint", lambda c: ckpt_header(c, lambda h: h.update(input={"image": [1, 3, 1, 1]})), CheckpointError, "input spec"),
     Case("checkpoint/stale-temp-of-a-killed-write", "checkpoint", lambda c: _with_stale_temp(c.checkpoint()), None, check=lambda r, logs: _assert(r[1].class_set.num_classes == 10)),
+    # Settings (params files, --config): clear ConfigError at load, numbers as YAML 1.1 writes them
+    Case("config/nan-lr", "config", lambda c: {"adapt": {"lr": float("nan")}}, ConfigError, "adapt.lr must be a finite"),
+    Case("config/inf-lr", "config", lambda c: {"adapt": {"lr": float("inf")}}, ConfigError, "adapt.lr must be a finite"),
+    Case("config/nan-loss-weight", "config", lambda c: {"adapt": {"weight_xm": float("nan")}}, ConfigError, "weight_xm"),
+    Case("config/inf-stop-timeout", "config", lambda c: {"node": {"stop_timeout_s": float("inf")}}, ConfigError, "stop_timeout_s"),
+    Case("config/zero-slop", "config", lambda c: {"sync": {"slop_s": 0.0}}, ConfigError, "slop_s must be > 0"),
+    Case("config/negative-depth", "config", lambda c: {"qos": {"input_depth": -1}}, ConfigError, "input_depth"),
+    Case("config/extrinsics-text-item", "config", lambda c: {"frames": {"static_extrinsics": ["one"] + [0.0] * 15}}, ConfigError, r"static_extrinsics\[0\]"),
+    Case("config/extrinsics-not-rigid", "config", lambda c: {"frames": {"static_extrinsics": [2.0] + [0.0] * 15}}, ConfigError, "static_extrinsics"),
+    Case("config/unknown-method", "config", lambda c: {"adapt": {"method": "cotta"}}, ConfigError, "adapt.method must be one of"),
+    Case("config/unknown-key", "config", lambda c: {"adapt": {"learning_rate": 0.1}}, ConfigError, "unknown setting"),
+    Case("config/sam-without-checkpoint", "config", lambda c: {"refine": {"mask_provider": "sam"}}, ConfigError, "needs refine.sam_checkpoint"),
+    Case("config/missing-sam-checkpoint", "config", lambda c: {"refine": {"sam_checkpoint": str(c.tmp / "none.pth")}}, ConfigError, "does not exist"),
+    Case("config/numeric-string-lr", "config", lambda c: {"adapt": {"lr": "1e-3"}}, None,
+         check=lambda cfg, logs: cfg.adapt.lr == 1e-3 or pytest.fail(str(cfg.adapt.lr))),
+    Case("config_yaml/yaml11-exponent", "config_yaml", lambda c: _yaml(c, "/**:\n  ros__parameters:\n    adapt:\n      lr: 1e-3\n"), None,
+         check=lambda cfg, logs: cfg.adapt.lr == 1e-3 or pytest.fail(str(cfg.adapt.lr))),
+    Case("config_yaml/not-a-mapping", "config_yaml", lambda c: _yaml(c, "[1, 2]\n"), ConfigError, "must hold a mapping"),
+    Case("config_yaml/broken-yaml", "config_yaml", lambda c: _yaml(c, "adapt: {lr: [\n"), ConfigError, "cannot read config"),
+    Case("training_config/zero-image-width", "training_config", lambda c: {"model": {"image_width": 0}}, ConfigError, "image_width must be >= 1"),
+    # Replay: what it skipped is reported, nothing usable is an error, unlabelled input still runs
+    Case("replay/every-camera-info-disagrees", "replay", lambda c: (c.bag("badinfo", 3, big=False, image_size=(16, 12)), {}), ReplayError, "no frame could be used"),
+    Case("replay/missing-input", "replay", lambda c: (c.tmp / "nonexistent", {}), FileNotFoundError, "does not exist"),
+    Case("replay/no-labels", "replay", lambda c: (_synthetic(c, "nolabels", labels=False), {}), None,
+         check=lambda m, logs: (m["frames_processed"], m["frames_scored"]) == (3, 0) or pytest.fail(str(m))),
+    Case("replay/nan-slop-option", "replay", lambda c: (c.bag("nanslop", 2, big=False), {"sync.slop_s": float("nan")}), ConfigError, "finite"),
+
 ]
 
 
@@ -360,6 +391,42 @@ def _run_cloud_frame(msg: Any) -> Frame:
     return Frame(1, pts, np.zeros((H, W, 3), np.uint8), CAM)
 
 
+def _synthetic(ctx: Ctx, name: str, **kw: Any) -> Path:
+    from fakes import write_synthetic_bag
+
+    return write_synthetic_bag(ctx.tmp / name, 3, **kw)
+
+
+def _yaml(ctx: Ctx, text: str) -> Path:
+    path = ctx.tmp / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def _run_replay(built: tuple[Path, dict[str, Any]]) -> dict[str, Any]:
+    from fakes import SMALL, SENSOR, small_model
+    from pl3d_ros.config import Config
+    from pl3d_ros.eval.replay import ReplayOptions, replay
+    from pl3d_ros.labels import load_class_set
+    from pl3d_ros.models.checkpoint import CheckpointHeader
+
+    inputs, settings = built
+    # a tiny network for the bags' 8x6 camera: 8x8 input image, 16 x 64 range image
+    small = SMALL.__class__(preset="test", image_width=8, image_height=8, image_widths=[4, 4],
+                            range_widths=[4, 8])
+    ckpt = save_checkpoint(inputs.parent / "tiny.safetensors", _tiny(small),
+                           CheckpointHeader(small, load_class_set("xmuda10"), SENSOR, {}))
+    cfg = Config().replace(**{"adapt.method": "source", "runtime.backend": "torch", "runtime.threads": 1,
+                              **settings})
+    return replay(inputs, ckpt, inputs.parent / "replay_out", ReplayOptions(config=cfg, write_bag=False, plots=False))
+
+
+def _tiny(model_cfg):
+    from pl3d_ros.models.two_stream import build_model
+
+    return build_model(model_cfg, 10)
+
+
 RUNNERS: dict[str, Callable[[Any], Any]] = {
     "cloud": rm.cloud_to_points,
     "cloud_frame": _run_cloud_frame,
@@ -370,6 +437,10 @@ RUNNERS: dict[str, Callable[[Any], Any]] = {
     "tf": rm.tf_message_transforms,
     "bag": _run_bag,
     "checkpoint": load_checkpoint,
+    "config": lambda d: Config.from_dict(d),
+    "config_yaml": lambda p: Config.from_yaml(p),
+    "training_config": lambda d: TrainingConfig.from_dict(d),
+    "replay": _run_replay,
 }
 
 

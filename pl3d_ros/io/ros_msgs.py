@@ -997,11 +997,15 @@ def make_cloud(factory: MessageFactory, header: Any, array: np.ndarray, *,
     f = cloud_fields(array, is_bigendian=is_bigendian, is_dense=is_dense)
     fields = [factory.PointField(name=n, offset=int(o), datatype=int(d), count=int(c))
               for n, o, d, c in f["fields"]]
-    return factory.PointCloud2(
+    msg = factory.PointCloud2(
         header=header, height=f["height"], width=f["width"], fields=fields,
         is_bigendian=f["is_bigendian"], point_step=f["point_step"], row_step=f["row_step"],
-        data=factory.bytes_field(f["data"]), is_dense=f["is_dense"],
+        data=factory.bytes_field(np.zeros(0, np.uint8)), is_dense=f["is_dense"],
     )
+    # Assigned after construction: a generated rclpy message's __init__ copies its uint8[]
+    # argument into a new array.array, the property setter keeps an array.array('B') as is.
+    msg.data = factory.bytes_field(f["data"])
+    return msg
 
 
 def make_image(factory: MessageFactory, header: Any, rgb: np.ndarray,

@@ -134,12 +134,14 @@ class PointOutputs:
 def point_outputs(inputs: NetworkInputs, logits_2d: torch.Tensor, logits_3d: torch.Tensor,
                   feat_2d: torch.Tensor | None = None, feat_3d: torch.Tensor | None = None) -> PointOutputs:
     """Dense outputs of one frame -> per-point values: logits_2d (1, C, H, W) and feat_2d
-    (1, F2, h, w) sampled bilinearly at the in-view pixels (features may be coarser: the sample
-    is resolution-independent); logits_3d / feat_3d (1, *, rows, cols) read at each point's cell."""
+    (1, F2, h, w) sampled bilinearly at the in-view pixels (uv are input-image pixels, so a
+    coarser feature map is sampled at the same places); logits_3d / feat_3d (1, *, rows, cols)
+    read at each point's cell."""
+    size = tuple(inputs.image.shape[-2:])
     return PointOutputs(
-        logits_2d=sample_pixels(logits_2d, inputs.uv),
+        logits_2d=sample_pixels(logits_2d, inputs.uv, size),
         logits_3d=gather_cells(logits_3d, inputs.rows, inputs.cols),
-        feat_2d=None if feat_2d is None else sample_pixels(feat_2d, inputs.uv),
+        feat_2d=None if feat_2d is None else sample_pixels(feat_2d, inputs.uv, size),
         feat_3d=None if feat_3d is None else gather_cells(feat_3d, inputs.rows, inputs.cols),
     )
 

@@ -156,3 +156,13 @@ def test_cli_export_writes_onnx_and_sidecar(tmp_path, capsys):
     bad.write_bytes(b"not a checkpoint")
     assert main(["export", str(bad), "-o", str(tmp_path / "x")]) == 1
     assert "not a readable safetensors" in capsys.readouterr().err
+
+
+def test_coarse_feature_maps_are_sampled_at_the_same_places():
+    """Features at stride 2 (ESPNetv2's decoder) must be read where the full-resolution logits
+    are: uv are input-image pixels, whatever the grid's resolution."""
+    fine = torch.arange(64, dtype=torch.float32).view(1, 1, 8, 8) % 8  # value = column
+    coarse = torch.nn.functional.avg_pool2d(fine, 2)  # value = column pair mean (0.5, 2.5, ...)
+    uv = torch.tensor([[0.5, 3.0], [4.5, 1.0], [6.5, 6.0]], dtype=torch.float64)
+    np.testing.assert_allclose(sample_pixels(fine, uv)[:, 0].numpy(), [0.5, 4.5, 6.5], atol=1e-6)
+    np.testing.assert_allclose(sample_pixels(coarse, uv, (8, 8))[:, 0].numpy(), [0.5, 4.5, 6.5], atol=1e-6)

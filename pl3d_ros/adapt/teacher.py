@@ -127,6 +127,9 @@ class TeacherStudent:
             p.requires_grad_(False)
         self.buffers = state_buffers(self.student)
         self.student.train()  # batch statistics + running-stat updates (module docstring)
+        for m in self.student.modules():  # ... but no dropout: a step must see the deployed network
+            if isinstance(m, nn.modules.dropout._DropoutNd):
+                m.eval()
         self.teacher.eval()
         self.optimizer_kind, self.lr, self.momentum = optimizer, float(lr), float(momentum)
         self.optimizer = self._new_optimizer()

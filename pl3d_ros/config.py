@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pl3d_ros import registry
+from pl3d_ros.io.odometry import ODOM_FRAME
 from pl3d_ros.settings import ConfigError, Leaf, Root, Section, leaves, section, sections, setting
 
 __all__ = ["Config", "ConfigError", "TrainingConfig", "ModelConfig", "RangeImageConfig", "Leaf", "leaves",
@@ -302,7 +303,7 @@ class TopicsConfig(Section):
 
 @dataclass
 class FramesConfig(Section):
-    """LiDAR -> camera extrinsics: tf2 (default) or a fixed matrix."""
+    """LiDAR -> camera extrinsics: tf2 (default) or a fixed matrix; the odometry frame."""
 
     key = "frames"
 
@@ -312,6 +313,8 @@ class FramesConfig(Section):
     lidar_frame: str = setting("", "LiDAR frame for tf2; \"\" = the cloud's header.frame_id")
     tf_retry_s: float = setting(1.0, "period of the tf2 lookup until the transform is found", unit="s",
                                 gt=0.0, max=3600.0)
+    odom_frame: str = setting(ODOM_FRAME, "odometry frame: T_odom_lidar looked up in tf2 at each cloud's "
+                              "stamp (never waiting; a frame without it has no pose); \"\" = no odometry")
 
     def check(self) -> None:
         if self.static_extrinsics:

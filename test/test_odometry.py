@@ -266,3 +266,70 @@ def test_no_tf_topic_means_no_pose_pass(tmp_path, kitti00):
     frames = list(reader.frames())
     assert "/tf" not in reader.info()["topics"]
     assert len(frames) == 2 and all(f.pose is None for f in frames)
+
+
+# ------------------------------------------------------------------------------- node.py on stubs
+
+
+@pytest.mark.parametrize("odom_frame", [ODOM_FRAME, ""], ids=["odom", "off"])
+def test_node_looks_up_the_pose_at_the_cloud_stamp(monkeypatch, request, synthetic_bag, tmp_path,
+                                                   odom_frame):
+    """node.py on stand-in ROS modules, with static extrinsics (so tf2 is there for odometry
+    only): each synced set looks up odom <- cloud frame at the cloud's header stamp (tf2's
+    default zero timeout: no waiting), a missing transform gives a frame without a pose and a
+    count in the diagnostics, never an exception; odom_frame "" makes no lookups at all."""
+    import sys
+
+    from fakes import header, small_model
+    from test_node_files import _raw_messages, _stub_ros
+
+    from pl3d_ros.models.checkpoint import save_checkpoint
+
+    msgs = _raw_messages(synthetic_bag)
+    (_, _, _, T_lidar_cam), = ros_msgs.tf_message_transforms(msgs["/tf_static"][0])
+    model = save_checkpoint(tmp_path / "small.safetensors", small_model(), header())
+    registry: dict = {}
+    _stub_ros(monkeypatch, {"runtime.model": str(model), "runtime.backend": "torch",
+                            "runtime.device": "cpu", "adapt.method": "source",
+                            "frames.static_extrinsics": invert(T_lidar_cam).ravel().tolist(),
+                            "frames.odom_frame": odom_frame}, {}, registry)
+    request.addfinalizer(lambda: sys.modules.pop("pl3d_ros.node", None))
+    import pl3d_ros.node as node_mod
+
+    node = node_mod.Pl3dNode()
+    submitted: list = []
+    node.runner.submit = submitted.append  # the frames as they leave the callback
+    fac = ros_msgs.rosbags_factory(typestore())
+    T = rot_z(0.4, (5.0, 1.0, 0.0))
+
+    def lookup(target, source):
+        if len(registry["tf_when"]) > 2:
+            raise sys.modules["tf2_ros"].TransformException("Lookup would require extrapolation "
+                                                            "into the future")
+        return ros_msgs.make_tf_message(fac, [(0, target, source, T)]).transforms[0]
+
+    registry["tf"] = lookup
+    clouds = msgs["/lidar/points"]
+    for cloud in clouds:
+        registry["on_synced"](msgs["/camera/image_raw"][0], msgs["/camera/camera_info"][0], cloud)
+    assert len(submitted) == 3 and node.guard.total == 0
+
+    class Stat:
+        def summary(self, level, message):
+            pass
+
+        def add(self, key, value):
+            setattr(self, key, value)
+
+    stat = registry["diag"]["processing_time"](Stat())
+    if not odom_frame:
+        assert "tf_when" not in registry and not hasattr(node, "tf_buffer")
+        assert all(f.pose is None for f in submitted) and stat.odometry_frame == "(off)"
+        return
+    assert [(t, s, ros_msgs.stamp_to_ns(w)) for t, s, w in registry["tf_when"]] == [
+        (ODOM_FRAME, "velodyne", ros_msgs.stamp_to_ns(c.header)) for c in clouds]
+    np.testing.assert_allclose(submitted[0].pose, T, atol=1e-12)
+    np.testing.assert_allclose(submitted[1].pose, T, atol=1e-12)
+    assert submitted[2].pose is None
+    assert (stat.frames_with_odometry, stat.frames_without_odometry) == ("2", "1")
+    assert "extrapolation" in stat.last_odometry_error

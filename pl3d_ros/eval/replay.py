@@ -111,7 +111,7 @@ class LabeledBagWriter:
 
 def _pseudo_label_summary(totals: dict[str, Any] | None) -> dict[str, dict[str, float | None]]:
     out: dict[str, dict[str, float | None]] = {}
-    for stage in ("base", "refined", "filtered"):
+    for stage in ("base", "refined", "filtered", "trained"):
         s = (totals or {}).get(stage)
         if not s:
             continue

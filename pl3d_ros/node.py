@@ -9,8 +9,9 @@ std_srvs or the ROS message packages. Everything that decides something lives in
 the tests run: ``app.py`` (segmenter, adapter, weight deployer), ``runner.py`` (inference
 thread, latest-frame slot), ``health.py`` (diagnostics), ``cpu_budget.py`` (threads and
 priorities), ``ros_params.py`` (parameters from the settings' declarations, QoS presets),
-``io/extrinsics.py`` (tf2 cache), ``io/odometry.py`` (odometry pose counts), ``io/frames.py`` (messages -> Frame, Prediction -> output
-clouds) and ``io/ros_msgs.py`` (every message layout).
+``io/extrinsics.py`` (tf2 cache), ``io/odometry.py`` (odometry poses: validation, counts),
+``io/frames.py`` (messages -> Frame, Prediction -> output clouds) and ``io/ros_msgs.py`` (every
+message layout).
 
 Threads: a SingleThreadedExecutor runs the subscriptions (the synchronizer callback only converts
 a synced set into a Frame and puts it in the runner's depth-1 slot), the tf2 retry timer, the

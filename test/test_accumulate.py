@@ -61,7 +61,7 @@ def test_k_bounds_the_scans_and_the_oldest_goes():
     rng = np.random.default_rng(1)
     h = ScanHistory(k=2, voxel_m=0.0)
     for i in range(5):
-        h.add(wall_scan(pose(0.1 * i), rng, 50 + i), pose(0.1 * i), stamp_ns=10 + i)
+        h.add(wall_scan(pose(0.1 * i), rng, 50 + i), pose(0.1 * i), None, stamp_ns=10 + i)
     assert len(h) == 2 and h.stamps_ns == [13, 14] and h.num_points == 53 + 54
     assert h.nbytes == (53 + 54) * (12 + 8)
     _, labels, age = h.recent(pose(0.5))
@@ -72,15 +72,15 @@ def test_k_bounds_the_scans_and_the_oldest_goes():
 def test_lost_odometry_and_time_going_back_clear_the_history():
     rng = np.random.default_rng(2)
     h = ScanHistory(k=4)
-    h.add(wall_scan(pose(0.0), rng), pose(0.0), stamp_ns=100)
-    h.add(wall_scan(pose(0.1), rng), pose(0.1), stamp_ns=200)
+    h.add(wall_scan(pose(0.0), rng), pose(0.0), None, stamp_ns=100)
+    h.add(wall_scan(pose(0.1), rng), pose(0.1), None, stamp_ns=200)
     pts, labels, age = h.recent(None)  # no pose now: nothing can be brought into this frame
     assert pts.shape == (0, 3) and labels.shape == age.shape == (0,)
-    h.add(wall_scan(pose(0.2), rng), None, stamp_ns=300)  # odometry lost: cleared, not kept
+    h.add(wall_scan(pose(0.2), rng), None, None, stamp_ns=300)  # odometry lost: cleared, not kept
     assert len(h) == 0 and h.resets == 1 and h.recent(pose(0.3))[0].shape == (0, 3)
-    h.add(wall_scan(pose(0.3), rng), pose(0.3), stamp_ns=400)
-    h.add(wall_scan(pose(0.4), rng), pose(0.4), stamp_ns=500)
-    h.add(wall_scan(pose(0.0), rng), pose(0.0), stamp_ns=100)  # the bag looped
+    h.add(wall_scan(pose(0.3), rng), pose(0.3), None, stamp_ns=400)
+    h.add(wall_scan(pose(0.4), rng), pose(0.4), None, stamp_ns=500)
+    h.add(wall_scan(pose(0.0), rng), pose(0.0), None, stamp_ns=100)  # the bag looped
     assert h.stamps_ns == [100] and h.resets == 2
     h.reset()
     assert len(h) == 0 and h.num_points == 0
@@ -125,11 +125,11 @@ def test_inputs_are_checked():
     with pytest.raises(ValueError, match="voxel_m"):
         ScanHistory(2, voxel_m=-0.1)
     with pytest.raises(ValueError, match="float"):
-        h.add(np.zeros((5, 2), np.float32), np.eye(4))
+        h.add(np.zeros((5, 2), np.float32), np.eye(4), None, 1)
     with pytest.raises(ValueError, match="labels must be"):
-        h.add(np.zeros((5, 3), np.float32), np.eye(4), labels=np.zeros(4, np.int64))
+        h.add(np.zeros((5, 3), np.float32), np.eye(4), np.zeros(4, np.int64), 1)
     with pytest.raises(ValueError, match="not rigid"):
-        h.add(np.zeros((5, 3), np.float32), np.diag([2.0, 1, 1, 1]))
+        h.add(np.zeros((5, 3), np.float32), np.diag([2.0, 1, 1, 1]), None, 1)
     # non-finite points are not kept (they would share a garbage voxel)
     pts = np.ones((3, 3), np.float32)
     pts[1, 0] = np.nan

@@ -265,7 +265,7 @@ class SyncStats:
     dropped_points: int = 0
     dropped_far: int = 0
     zeroed_intensity: int = 0
-    frames_without_pose: int = 0  # Frames given without an odometry pose (no /tf path at the stamp)
+    frames_without_pose: int = 0  # Frames without an odometry pose (off, or no /tf path at the stamp)
 
     @property
     def skipped(self) -> int:

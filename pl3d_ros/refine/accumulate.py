@@ -116,8 +116,8 @@ class ScanHistory:
         """Forget every scan."""
         self._scans.clear()
 
-    def add(self, points_lidar: np.ndarray, pose: np.ndarray | None,
-            labels: np.ndarray | None = None, stamp_ns: int = 0) -> None:
+    def add(self, points_lidar: np.ndarray, pose: np.ndarray | None, labels: np.ndarray | None,
+            stamp_ns: int) -> None:
         """Keep one scan.
 
         Args:
@@ -125,7 +125,8 @@ class ScanHistory:
             pose: (4, 4) T_odom_lidar of the scan, or None: odometry lost, the history is
                 cleared and the scan is not kept.
             labels: (N,) integer labels (pseudo-labels; -1 = none), or None for all -1.
-            stamp_ns: the scan's stamp, nanoseconds.
+            stamp_ns: the scan's stamp, nanoseconds (required: a stamp not after the newest
+                held one clears the history).
         """
         pts = np.asarray(points_lidar)
         if pts.ndim != 2 or pts.shape[1] < 3 or not np.issubdtype(pts.dtype, np.floating):

@@ -69,7 +69,8 @@ from typing import Any
 import numpy as np
 
 from pl3d_ros.config import Config, ConfigError
-from pl3d_ros.eval.streams import GridError, SimBag, StreamSpec, cache_root, check_name, parse_stream, resolve_model
+from pl3d_ros.eval.streams import (GridError, SimBag, StreamSpec, cache_root, check_name, file_digest, parse_stream,
+                                   resolve_model)
 
 __all__ = ["Grid", "GridError", "Cell", "load_grid", "parse_grid", "run_grid", "run_cell", "merge",
            "render_markdown", "mean_std", "mean_over_streams", "paired_differences", "window_ranges",
@@ -297,6 +298,7 @@ class Cell:
         return json.loads(json.dumps({
             **self.stream_identity, "method": self.method, "seed": self.seed,
             "settings": dict(sorted(self.settings.items())), "checkpoint": self.checkpoint or "(bundled)",
+            "checkpoint_sha256": file_digest(self.checkpoint),
             "max_frames": self.max_frames, "mode": self.mode}))
 
     def state(self) -> str:
@@ -445,7 +447,10 @@ def _run_on_ray(todo: list[Cell], cache: Path, workers: int | None, address: str
                     bar.set_postfix_str(f"last {cell.key} FAILED")
                     line = f"FAILED: {result['error']}"
                 bar.update(1)
-                bar.write(f"[{done}/{len(todo)}] {cell.key}: {line}", file=sys.stderr)
+                if progress:  # one line per finished cell, above the bar
+                    bar.write(f"[{done}/{len(todo)}] {cell.key}: {line}", file=sys.stderr)
+                else:
+                    log.info("[%d/%d] %s: %s", done, len(todo), cell.key, line)
         bar.close()
     finally:
         t1 = time.perf_counter()

@@ -77,6 +77,17 @@ def sim_version() -> str:
     return h.hexdigest()[:8]
 
 
+@lru_cache(maxsize=64)
+def file_digest(path: str) -> str:
+    """16 hex digits of the sha256 of a checkpoint ("" = the bundled model): a cell's identity
+    names the weights, not only their path, so a file replaced in place is not resumed."""
+    if not path:
+        from pl3d_ros.weights import default_model_path
+
+        path = str(default_model_path())
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 def cache_root(cache: str | Path | None = None) -> Path:
     """The bench cache: ``cache`` if given, else $PL3D_CACHE/bench, else ~/.cache/pl3d_ros/bench."""
     if cache:

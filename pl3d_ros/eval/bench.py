@@ -707,10 +707,7 @@ def _plots(grid: Grid, running: Mapping[tuple[str, str, int], list[float]], wind
            folder: Path) -> dict[str, list[str]]:
     """Per stream: running fused mIoU per method (mean over seeds, min-max band), and for long
     streams the windowed mIoU; returns stream -> PNG paths relative to OUT."""
-    from pl3d_ros.eval.plots import _pyplot
-
     folder.mkdir(parents=True, exist_ok=True)
-    plt = _pyplot()
     made: dict[str, list[str]] = {}
     for s in grid.streams:
         series = {}
@@ -718,46 +715,49 @@ def _plots(grid: Grid, running: Mapping[tuple[str, str, int], list[float]], wind
             runs = [running[(s.name, m, k)] for k in grid.seeds if running.get((s.name, m, k))]
             if runs:
                 n = min(len(r) for r in runs)  # equal unless a cell read fewer frames
-                series[m] = np.array([r[:n] for r in runs], np.float64)
+                arr = np.array([r[:n] for r in runs], np.float64)  # (seeds, frames)
+                series[m] = (np.arange(n), np.nanmean(arr, 0), np.nanmin(arr, 0), np.nanmax(arr, 0), len(runs))
         if not series:
             continue
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for m, arr in series.items():
-            x = np.arange(arr.shape[1])
-            (line,) = ax.plot(x, np.nanmean(arr, 0), label=m, lw=1.2)
-            if arr.shape[0] > 1:
-                ax.fill_between(x, np.nanmin(arr, 0), np.nanmax(arr, 0), color=line.get_color(), alpha=0.15, lw=0)
-        _mark_domains(ax, s, grid.max_frames)
-        ax.set_xlabel("frame")
-        ax.set_ylabel("running fused mIoU, in view (%)")
-        ax.set_title(f"{grid.name}: {s.name} (mean over seeds {list(grid.seeds)}, band min-max)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        path = folder / f"{s.name}_running.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        path = _band_plot(folder / f"{s.name}_running.png", series, s, grid.max_frames, "frame",
+                          "running fused mIoU, in view (%)",
+                          f"{grid.name}: {s.name} (mean over seeds {list(grid.seeds)}, band min-max)")
         made[s.name] = [f"plots/{path.name}"]
         w = windows.get(s.name)
         if w:
-            fig, ax = plt.subplots(figsize=(8, 4.5))
-            mid = [(a + b - 1) / 2 for a, b in w["ranges"]]
-            for m, e in w["methods"].items():
-                (line,) = ax.plot(mid, _nan(e["miou"]), marker="o", ms=3, label=m, lw=1.2)
-                if e["seeds"] > 1:
-                    ax.fill_between(mid, _nan(e["min"]), _nan(e["max"]), color=line.get_color(), alpha=0.15, lw=0)
-            _mark_domains(ax, s, grid.max_frames)
-            ax.set_xlabel("frame (window centre)")
-            ax.set_ylabel(f"fused mIoU per {w['window']}-frame window (%)")
-            ax.set_title(f"{grid.name}: {s.name}, windowed (mean over seeds, band min-max)")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, ncol=2)
-            fig.tight_layout()
-            path = folder / f"{s.name}_windows.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
+            mid = np.array([(a + b - 1) / 2 for a, b in w["ranges"]])
+            series = {m: (mid, _nan(e["miou"]), _nan(e["min"]), _nan(e["max"]), e["seeds"])
+                      for m, e in w["methods"].items()}
+            path = _band_plot(folder / f"{s.name}_windows.png", series, s, grid.max_frames, "frame (window centre)",
+                              f"fused mIoU per {w['window']}-frame window (%)",
+                              f"{grid.name}: {s.name}, windowed (mean over seeds, band min-max)", marker="o")
             made[s.name].append(f"plots/{path.name}")
     return made
+
+
+def _band_plot(path: Path, series: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]],
+               stream: StreamSpec, max_frames: int | None, xlabel: str, ylabel: str, title: str,
+               marker: str | None = None) -> Path:
+    """One line per method: name -> (x, mean, min, max, seeds), a min-max band where seeds > 1,
+    a sim stream's domain changes marked."""
+    from pl3d_ros.eval.plots import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for m, (x, mean, lo, hi, seeds) in series.items():
+        (line,) = ax.plot(x, mean, label=m, lw=1.2, marker=marker, ms=3)
+        if seeds > 1:
+            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+    _mark_domains(ax, stream, max_frames)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _nan(values: Sequence[float | None]) -> np.ndarray:

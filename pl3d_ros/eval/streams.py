@@ -184,6 +184,14 @@ def resolve_model(model: Any, root: Path, what: str, check: bool = True) -> str:
     return str(p)
 
 
+def _names(value: Any, error: str) -> list[Any]:
+    """A non-empty list (one string is a list of one), else GridError(error)."""
+    value = [value] if isinstance(value, str) else value
+    if not isinstance(value, list) or not value:
+        raise GridError(error)
+    return value
+
+
 def parse_stream(entry: Any, where: str, root: Path, default_model: str, check_inputs: bool = True) -> StreamSpec:
     """One entry of a grid's ``streams`` list -> StreamSpec, or GridError naming ``where``.
 
@@ -215,11 +223,7 @@ def parse_stream(entry: Any, where: str, root: Path, default_model: str, check_i
         for key in ("domains", "frames_per_domain"):
             if key in entry:
                 raise GridError(f"{where}: {key} is for sim streams; a real stream has inputs")
-        inputs = entry.get("inputs")
-        if isinstance(inputs, str):
-            inputs = [inputs]
-        if not isinstance(inputs, list) or not inputs:
-            raise GridError(f"{where}: inputs must be a list of KITTI sequence folders or bags")
+        inputs = _names(entry.get("inputs"), f"{where}: inputs must be a list of KITTI sequence folders or bags")
         paths = [_resolve(p, root, f"{where}: input") for p in inputs]
         if check_inputs:
             from pl3d_ros.io.sources import open_source
@@ -232,11 +236,7 @@ def parse_stream(entry: Any, where: str, root: Path, default_model: str, check_i
         return StreamSpec(name, kind, corrupt, model, inputs=tuple(str(p) for p in paths), description=description)
     if "inputs" in entry:
         raise GridError(f"{where}: a sim stream has domains and frames_per_domain, not inputs")
-    domains = entry.get("domains")
-    if isinstance(domains, str):
-        domains = [domains]
-    if not isinstance(domains, list) or not domains:
-        raise GridError(f"{where}: domains must be a list of sim presets, from {sorted(PRESETS)}")
+    domains = _names(entry.get("domains"), f"{where}: domains must be a list of sim presets, from {sorted(PRESETS)}")
     bad = [d for d in domains if d not in PRESETS]
     if bad:
         raise GridError(f"{where}: unknown sim preset(s) {bad}; choose from {sorted(PRESETS)}")

@@ -32,7 +32,9 @@ flight. Locally ``ray.init`` starts a private Ray instance with ``workers`` CPUs
 machine's); ``address`` (or RAY_ADDRESS) joins a cluster, whose nodes must see the inputs, the
 cache and OUT at the same paths (the numbers a cell returns are written into OUT by the driver too,
 so results.json is complete even where OUT is not shared). The simulated bags are Ray tasks too,
-made once into the cache before the cells that play them (a cell waits on its bags).
+made once into the cache before the cells that play them (a cell waits on its bags). ``mode:
+realtime`` cells run the node's inference and adaptation threads within that one CPU, beside the
+other cells: for realtime figures, run ``pl3d replay --mode realtime`` on an otherwise idle machine.
 
 Resume. Each cell lives in OUT/cells/<stream>/<method>/seed<k>/ with cell.json (what it plays:
 inputs, settings, checkpoint, seed, caps). A cell whose metrics.json exists is skipped; one whose
@@ -70,7 +72,7 @@ import numpy as np
 
 from pl3d_ros.config import Config, ConfigError
 from pl3d_ros.eval.streams import (GridError, SimBag, StreamSpec, cache_root, check_name, file_digest, parse_stream,
-                                   resolve_model)
+                                   resolve_model, simulate_bag)
 
 __all__ = ["Grid", "GridError", "Cell", "load_grid", "parse_grid", "run_grid", "run_cell", "merge",
            "render_markdown", "mean_std", "mean_over_streams", "paired_differences", "window_ranges",
@@ -406,7 +408,7 @@ def _run_on_ray(todo: list[Cell], cache: Path, workers: int | None, address: str
     try:
         n = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         info["workers"] = n
-        sim_task = ray.remote(num_cpus=1, max_retries=1)(_simulate)
+        sim_task = ray.remote(num_cpus=1, max_retries=1)(simulate_bag)
         cell_task = ray.remote(num_cpus=1, max_retries=1)(run_cell)
         bags: dict[str, Any] = {}  # bag key -> its path (cached) or the ObjectRef of its simulation
         for cell in todo:
@@ -457,12 +459,6 @@ def _run_on_ray(todo: list[Cell], cache: Path, workers: int | None, address: str
         ray.shutdown()
         info["shutdown_s"] = round(time.perf_counter() - t1, 2)
     return info
-
-
-def _simulate(bag: SimBag, path: str) -> str:
-    from pl3d_ros.eval.streams import simulate_bag
-
-    return simulate_bag(bag, path)
 
 
 def run_grid(grid: Grid, out: str | Path, *, workers: int | None = None, address: str | None = None,

@@ -181,6 +181,12 @@ class RefineConfig(Section):
     superpixel_scale: float = setting(200.0, "Felzenszwalb scale", gt=0.0)
     superpixel_sigma: float = setting(0.8, "Felzenszwalb Gaussian pre-smoothing sigma", unit="px", min=0.0)
     superpixel_min_size: int = setting(200, "Felzenszwalb minimum segment size", unit="px", min=1)
+    slic_segments: int = setting(150, "SLIC: approximate number of segments per image", min=1)
+    slic_compactness: float = setting(10.0, "SLIC: colour vs. space trade-off (higher: squarer segments)", gt=0.0)
+    accumulate_scans: int = setting(0, "refine with the last k scans brought into the current one through "
+                                    "odometry (Frame.pose); 0 = the current scan alone", min=0, max=100)
+    accumulate_voxel_m: float = setting(0.1, "voxel size that thins the accumulated scans", unit="m",
+                                        min=0.0, max=10.0)
     mla_min_points: int = setting(10, "MLA: a mask needs at least this many points (|P_k|)", min=1)
     mla_min_labeled: int = setting(3, "MLA: ... and this many pseudo-labeled points (|L_k|)", min=1)
     mla_purity: float = setting(0.8, "MLA: share of the majority label among the labeled points", min=0.0, max=1.0)

@@ -75,9 +75,10 @@ PRECISIONS = ("fp16", "fp32")
 MASK_PROVIDERS = Registry("mask provider", {
     "auto": "",
     "superpixel": "pl3d_ros.refine.masks:SuperpixelProvider",
+    "slic": "pl3d_ros.refine.masks:SlicProvider",
     "sam": "pl3d_ros.refine.masks:SamProvider",
     "mobile_sam": "pl3d_ros.refine.masks:MobileSamProvider",
-}, "auto | superpixel | sam | mobile_sam")
+}, "auto | superpixel | slic | sam | mobile_sam")
 
 #: Trainable parameter sets of the student (``adapt.trainable``): normalisation affines, those
 #: and the classifier heads, everything.

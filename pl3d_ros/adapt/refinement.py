@@ -14,8 +14,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from pl3d_ros.adapt.state import FrameState
+from pl3d_ros.adapt.state import CameraPixels, FrameState
 from pl3d_ros.config import Config, RangeImageConfig
+from pl3d_ros.refine.accumulate import ScanHistory
+
+#: Occlusion test of accumulated points: cells of this many pixels, and how far behind the
+#: nearest current point of a cell a point may lie and still be seen (max(abs, rel * depth)).
+OCCLUSION_CELL_PX = 4
+OCCLUSION_ABS_M, OCCLUSION_REL = 0.5, 0.05
+
+
+def _not_occluded(proj: Any, current: CameraPixels, width: int, height: int) -> np.ndarray:
+    """(K,) bool: projected points not behind this scan's nearest point in their pixel cell (a
+    wall seen now hides what an earlier scan saw behind it). Cells this scan left empty pass."""
+    cw, ch = -(-width // OCCLUSION_CELL_PX), -(-height // OCCLUSION_CELL_PX)
+    nearest = np.full(cw * ch, np.inf)
+    cur = current.pixels[current.in_view] // OCCLUSION_CELL_PX
+    np.minimum.at(nearest, cur[:, 1] * cw + cur[:, 0], current.depth[current.in_view].astype(np.float64))
+    pix = proj.pixels(width, height) // OCCLUSION_CELL_PX
+    limit = nearest[pix[:, 1] * cw + pix[:, 0]]
+    depth = np.nan_to_num(proj.depth, nan=np.inf)
+    return depth <= limit + np.maximum(OCCLUSION_ABS_M, OCCLUSION_REL * limit)
 
 
 def is_sam_provider(provider: Any) -> bool:
@@ -48,11 +67,16 @@ class RefinementStage:
                          else refine_masks.build_mask_provider(cfg.refine, device=device))
         self.every = int(cfg.refine.sam_every_k_frames) if is_sam_provider(self.provider) else 1
         self.component_filter = refine_connectivity.ComponentFilter(cfg.connectivity) if connectivity else None
+        r = cfg.refine
+        self.history = ScanHistory(r.accumulate_scans, r.accumulate_voxel_m) if r.accumulate_scans > 0 else None
 
     def reset(self) -> None:
-        """Forget the connectivity filter's loss buffer (after a restore to the source)."""
+        """Forget the connectivity filter's loss buffer and the scan history (after a restore to
+        the source: the history's labels came from the old teacher)."""
         if self.component_filter is not None:
             self.component_filter.reset()
+        if self.history is not None:
+            self.history.reset()
 
     def due(self, index: int) -> bool:
         """Whether frame number ``index`` gets masks."""
@@ -60,13 +84,56 @@ class RefinementStage:
 
     def refine(self, state: FrameState, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """base (N,) int64 pseudo-labels (-1 none) -> (labels (N,) int64, component (N,) int64 -1
-        none, stats), on the frame's device. The points' masks are kept in ``state.masks``."""
+        none, stats), on the frame's device. The points' masks are kept in ``state.masks``.
+
+        With ``refine.accumulate_scans`` k > 0 and a pose on the frame, the last k scans (with
+        their own base labels) are brought into this frame and refined together with it: more
+        points per mask, so more masks pass MLA's rules and GAPP has a denser cloud to grow
+        through; only this frame's points keep their labels."""
         from pl3d_ros.refine import PointMasks
 
+        frame = state.frame
         cam = state.camera_pixels()
-        mask_image = np.asarray(self.provider.masks(state.frame.image), dtype=np.int32)
+        mask_image = np.asarray(self.provider.masks(frame.image), dtype=np.int32)
         state.masks = PointMasks.of(cam.pixels, cam.in_view, mask_image)
-        return self.relabel(state, base)
+        base_np = base.cpu().numpy().astype(np.int64)
+        extra = self._history_points(state, mask_image) if self.history is not None else None
+        if self.history is not None:
+            self.history.add(frame.points[:, :3], frame.pose, base_np, frame.stamp_ns)
+        if extra is None:
+            return self.relabel(state, base)
+        pts, depth, mask_id, labels = extra
+        n = frame.num_points
+        masks = PointMasks(np.concatenate([state.masks.mask_id, mask_id]), state.masks.areas, state.masks.image_area)
+        result = self._refine(np.concatenate([np.asarray(frame.points[:, :3], np.float32), pts]),
+                              np.concatenate([cam.depth, depth]), masks, np.concatenate([base_np, labels]),
+                              self.sensor, self.cfg.refine, gapp=self.gapp)
+        stats = dict(result.stats)
+        stats["accumulated_points"] = int(pts.shape[0])
+        dev = base.device
+        return (torch.from_numpy(np.asarray(result.labels[:n], np.int64)).to(dev),
+                torch.from_numpy(np.asarray(result.component[:n], np.int64)).to(dev), stats)
+
+    def _history_points(self, state: FrameState, mask_image: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        """The held scans' points that this frame's camera sees and that are not hidden behind
+        this scan's surfaces: (points (K, 3) float32, depth (K,), mask id (K,), labels (K,)), or
+        None (no history, no pose)."""
+        from pl3d_ros.geometry import project_points
+
+        frame = state.frame
+        pts, labels, _ = self.history.recent(frame.pose)
+        if pts.shape[0] == 0:
+            return None
+        cam = frame.camera
+        proj = project_points(pts, cam)
+        visible = proj.in_view & _not_occluded(proj, state.camera_pixels(), cam.width, cam.height)
+        if not visible.any():
+            return None
+        pix = proj.pixels(cam.width, cam.height)[visible]
+        return (pts[visible], proj.depth[visible].astype(np.float32), mask_image[pix[:, 1], pix[:, 0]].astype(np.int64),
+                labels[visible])
+
 
     def relabel(self, state: FrameState, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """``refine`` with the frame's masks already known (state.masks): MLA + GAPP only, e.g.

@@ -1,20 +1,26 @@
-"""Accuracy of the imported 3D-MiniNet on the SemanticKITTI frames in ../shared/data.
+"""Accuracy of the imported pretrained networks on the SemanticKITTI frames in ../shared/data.
 
-    PYTHONPATH=$PWD v/bin/python bench/pretrained_check.py [--knn] [--projection repo|upstream]
+    PYTHONPATH=$PWD v/bin/python bench/pretrained_check.py range [--knn] [--projection repo|upstream]
         [--blocks-from-config] [--frames 10] [--sequences 00 01 02 03 04 05] [--threads 1]
+    PYTHONPATH=$PWD v/bin/python bench/pretrained_check.py image [--size pad | --size 1024x320] ...
 
-19-class SemanticKITTI mIoU over all points (every labelled point of every scan, ignore =
-unlabeled / outlier / other-structure / other-object, as the benchmark). A point's label is the
-argmax of its range-image cell, class 0 ("unlabeled") left out of the argmax; --knn uses
-lidar-bonnetal's KNN vote instead (arch_cfg.yaml's post.KNN settings).
+range: 3D-MiniNet, 19-class SemanticKITTI mIoU over all points (every labelled point of every
+scan; ignored: unlabeled / outlier / other-structure / other-object, as the benchmark). A point's
+label is the argmax of its range-image cell, class 0 ("unlabeled") left out of the argmax; --knn
+uses lidar-bonnetal's KNN vote instead (arch_cfg.yaml's post.KNN settings). --projection upstream
+builds the range image the way upstream's LaserScan does (float32 angles, farthest-to-nearest
+overwrite, its mask bug that drops the cell of point 0) instead of pl3d_ros.geometry, to show
+whether the difference matters. --blocks-from-config builds the network with arch_cfg.yaml's
+block counts and drops the weights that do not fit, which is what upstream's strict=False load
+does. These frames were in the network's training set: the figure is training-set accuracy.
 
---projection upstream builds the range image the way upstream's LaserScan does (float32 angles,
-farthest-to-nearest overwrite, its mask bug that drops the cell of point 0) instead of
-pl3d_ros.geometry, to show whether the difference matters. --blocks-from-config builds the
-network with arch_cfg.yaml's block counts and drops the weights that do not fit, which is what
-upstream's strict=False load does.
-
-These frames were in the network's training set: the figure is training-set accuracy.
+image: ESPNetv2 (Cityscapes), 2D accuracy at the LiDAR points that project into image_2 and have
+ground truth: the 20 logits sampled bilinearly at each point's pixel, then mapped to xmuda10 by
+log-sum-exp (pl3d_ros.models.class_map). --size pad: the full image, padded right/bottom to a
+multiple of 16 with the mean colour (0 after normalisation); --size WxH: the whole image resized
+(PIL bilinear, as EdgeNets' Resize) to W x H; --size cover:WxH: the project's pipeline
+preprocessing (antialiased resize to cover W x H keeping the aspect, centre crop, camera adjusted;
+points outside the crop are not scored).
 """
 
 from __future__ import annotations
@@ -28,11 +34,18 @@ import numpy as np
 import torch
 
 from pl3d_ros.eval.metrics import ConfusionMatrix
-from pl3d_ros.geometry import range_image_channels, range_projection
+from PIL import Image
+
+from pl3d_ros.geometry import project_points, range_image_channels, range_projection
 from pl3d_ros.io.kitti import KittiSequence
 from pl3d_ros.labels import load_class_set
+from pl3d_ros.models.class_map import build_class_map
+from pl3d_ros.models.espnetv2 import IMAGE_MEAN, SIZE_MULTIPLE, load_espnetv2
 from pl3d_ros.models.mininet3d import (MiniNet3D, load_mininet3d, read_lidar_bonnetal_weights)
+from pl3d_ros.models.points import sample_pixels
 from pl3d_ros.models.range_knn import knn_labels
+from pl3d_ros.pipeline import fit_camera
+from pl3d_ros.pipeline import prepare_image as prepare_cover
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -84,20 +97,8 @@ def build_config_blocks_model(folder: Path) -> MiniNet3D:
     return small.eval()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(SHARED / "pretrained/3dmininet-tiny-semantickitti"))
-    ap.add_argument("--data", default=str(SHARED / "data/semantickitti-mini/sequences"))
-    ap.add_argument("--sequences", nargs="+", default=["00", "01", "02", "03", "04", "05"])
-    ap.add_argument("--frames", type=int, default=10, help="frames per sequence")
-    ap.add_argument("--knn", action="store_true", help="KNN post-processing instead of cell lookup")
-    ap.add_argument("--projection", choices=["repo", "upstream"], default="repo")
-    ap.add_argument("--blocks-from-config", action="store_true")
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-
-    folder = Path(args.model)
+def run_range(args: argparse.Namespace) -> None:
+    folder = Path(args.model or SHARED / "pretrained/3dmininet-tiny-semantickitti")
     model = build_config_blocks_model(folder) if args.blocks_from_config else load_mininet3d(folder)
     print(f"3D-MiniNet-{model.cfg.variant}: {model.cfg}")
     if model.config_notes:
@@ -165,6 +166,103 @@ def main() -> None:
     ms = {k: 1000 * np.median(v) for k, v in times.items()}
     print("median time per frame (ms, torch %d thread%s): " % (args.threads, "" if args.threads == 1 else "s")
           + ", ".join(f"{k} {v:.0f}" for k, v in ms.items()))
+
+
+def prepare_image(rgb: np.ndarray, size: str) -> tuple[torch.Tensor, tuple[float, float]]:
+    """(H0, W0, 3) uint8 -> (1, 3, h, w) float RGB in [0, 1] and the (sx, sy) pixel scale."""
+    h0, w0 = rgb.shape[:2]
+    if size == "pad":
+        h = -(-h0 // SIZE_MULTIPLE) * SIZE_MULTIPLE
+        w = -(-w0 // SIZE_MULTIPLE) * SIZE_MULTIPLE
+        out = np.empty((h, w, 3), np.float32)
+        out[:] = IMAGE_MEAN  # normalises to 0, like the convolutions' own zero padding
+        out[:h0, :w0] = rgb.astype(np.float32) / 255.0
+        return torch.from_numpy(out).permute(2, 0, 1)[None].contiguous(), (1.0, 1.0)
+    w, h = (int(v) for v in size.split("x"))
+    resized = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR), np.float32) / 255.0
+    return torch.from_numpy(resized).permute(2, 0, 1)[None].contiguous(), (w / w0, h / h0)
+
+
+def run_image(args: argparse.Namespace) -> None:
+    path = Path(args.model or SHARED / "pretrained/espnetv2-cityscapes/espnetv2_s_2.0_city_1024x512.pth")
+    model = load_espnetv2(path)
+    classes = load_class_set("xmuda10")
+    cmap = build_class_map("cityscapes", classes)
+    print(f"ESPNetv2 s={model.scale} from {path.name}; input {args.size}; classes -> xmuda10 "
+          f"(left out: {', '.join(cmap.unmapped_sources)}; no source: {', '.join(cmap.empty_targets)})")
+    cm = ConfusionMatrix(classes.num_classes)
+    times: dict[str, list[float]] = {"prepare": [], "network": [], "labels": []}
+    shapes = set()
+    for seq_name in args.sequences:
+        seq = KittiSequence(Path(args.data) / seq_name)
+        for i in range(min(args.frames, len(seq))):
+            points, raw, rgb = seq.read(i)
+            camera = seq.camera(rgb.shape[1], rgb.shape[0])
+            t0 = time.perf_counter()
+            if args.size.startswith("cover:"):
+                # the project's own path (pipeline.Segmenter): resize to cover, centre-crop,
+                # camera adjusted; points outside the crop are out of view
+                w, h = (int(v) for v in args.size[6:].split("x"))
+                camera, size, offset = fit_camera(camera, w, h)
+                image, (sx, sy) = torch.from_numpy(prepare_cover(rgb, size, offset, (w, h))), (1.0, 1.0)
+            else:
+                image, (sx, sy) = prepare_image(rgb, args.size)
+            t1 = time.perf_counter()
+            proj = project_points(points, camera)
+            gt = classes.to_train_ids(raw)[proj.in_view]
+            shapes.add(tuple(image.shape[2:]))
+            t1b = time.perf_counter()
+            with torch.no_grad():
+                logits = model(image)
+            t2 = time.perf_counter()
+            with torch.no_grad():
+                uv = torch.from_numpy(proj.uv[proj.in_view]).float()
+                uv = torch.stack([(uv[:, 0] + 0.5) * sx - 0.5, (uv[:, 1] + 0.5) * sy - 0.5], 1)
+                # sample the 20 source logits at the points, then map (N, 20) -> (N, 10): mapping
+                # the whole logit image first costs ~0.5 s per frame on one core
+                pred = cmap(sample_pixels(logits, uv)).argmax(1).numpy()
+            t3 = time.perf_counter()
+            cm.update(pred, gt)
+            times["prepare"].append(t1 - t0)
+            times["network"].append(t2 - t1b)
+            times["labels"].append(t3 - t2)
+            print(f"  {seq_name}/{seq.frame_ids[i]}: {image.shape[3]}x{image.shape[2]}, "
+                  f"{proj.num_in_view} points in view, running mIoU {cm.miou():.1f} %, "
+                  f"network {1000 * (t2 - t1b):.0f} ms", flush=True)
+    frames = len(times["network"])
+    print(f"\n{frames} images, input sizes (h, w) {sorted(shapes)}, {cm.total} labelled points in view")
+    print(f"xmuda10 2D mIoU at points: {cm.miou():.2f} %   (overall accuracy {cm.accuracy():.2f} %)")
+    scored = (cm.matrix.sum(1) > 0) & np.array([t not in cmap.empty_targets for t in classes.names])
+    print(f"  mIoU over the {int(scored.sum())} classes with ground-truth points and a source class: "
+          f"{100 * float(np.mean(cm.iou()[scored])):.2f} %")
+    for (name, v), n in zip(cm.iou_dict(classes.names).items(), cm.matrix.sum(1)):
+        print(f"  {name:<14} {'-' if v is None else f'{v:6.2f}'}   ({n} points)")
+    ms = {k: 1000 * np.median(v) for k, v in times.items()}
+    print("median time per image (ms, torch %d thread%s): " % (args.threads, "" if args.threads == 1 else "s")
+          + ", ".join(f"{k} {v:.0f}" for k, v in ms.items()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="branch", required=True)
+    for name in ("range", "image"):
+        p = sub.add_parser(name)
+        p.add_argument("--model", help="lidar-bonnetal folder (range) / EdgeNets .pth (image); "
+                       "default: the one in ../shared/pretrained")
+        p.add_argument("--data", default=str(SHARED / "data/semantickitti-mini/sequences"))
+        p.add_argument("--sequences", nargs="+", default=["00", "01", "02", "03", "04", "05"])
+        p.add_argument("--frames", type=int, default=10, help="frames per sequence")
+        p.add_argument("--threads", type=int, default=1)
+        if name == "range":
+            p.add_argument("--knn", action="store_true", help="KNN post-processing instead of cell lookup")
+            p.add_argument("--projection", choices=["repo", "upstream"], default="repo")
+            p.add_argument("--blocks-from-config", action="store_true")
+        else:
+            p.add_argument("--size", default="pad", help="'pad' (full image padded to a multiple of "
+                           f"{SIZE_MULTIPLE}) or WxH to resize to (multiples of {SIZE_MULTIPLE})")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    (run_range if args.branch == "range" else run_image)(args)
 
 
 if __name__ == "__main__":

@@ -3,13 +3,15 @@
 A ``ClassMap`` turns (B, S, ...) source logits into (B, T, ...) target logits. The logits of the
 source classes that make one target class are combined by log-sum-exp, so that after a softmax
 over the targets each target's probability is the sum of its sources' probabilities (renormalised
-over the mapped sources: unmapped ones such as sky or unlabeled are left out). A target with no
-source (parking for a Cityscapes model) gets the finite logit ``EMPTY_LOGIT``: probability 0 after a
-softmax, but no -inf to turn into NaN downstream (entropy, losses, fp16).
+over the mapped sources: unmapped ones such as sky or unlabeled are left out).
 
-Implemented as one fixed-index Gather over the class axis and a numerically stable log-sum-exp
-(ReduceMax, Sub, Exp, ReduceSum, Log, Add), which exports to ONNX and TensorRT as is; no Python
-loop over points or pixels.
+Computed as m + log(M @ exp(x - m)) with M the (T, S') 0/1 membership matrix of the S' mapped
+sources and m their per-position maximum (a stable log-sum-exp: the target holding the maximum
+source has a sum >= 1). Sums below ``FLOOR`` are clamped to it, so a target with no source
+(parking for a Cityscapes model) or whose sources are all ~70 nats below the best one gets the
+finite logit m + log(FLOOR): probability <= 1e-30 relative to the best class, and no -inf to turn
+into NaN downstream (entropy, losses). ONNX: Gather (fixed indices), ReduceMax, Sub, Exp, MatMul,
+Max, Log, Add; no Python loop over points or pixels. Keep it in fp32 (FLOOR is 0 in fp16).
 
 The maps (``CLASS_MAPS``) are the table of ``shared/pretrained/README.md``:
 
@@ -35,12 +37,11 @@ from torch import nn
 from pl3d_ros.labels import ClassSet, load_class_set
 from pl3d_ros.models.espnetv2 import CITYSCAPES_CLASSES
 
-__all__ = ["CLASS_MAPS", "EMPTY_LOGIT", "SEMANTICKITTI_CLASSES", "SOURCE_CLASSES", "ClassMap",
+__all__ = ["CLASS_MAPS", "FLOOR", "SEMANTICKITTI_CLASSES", "SOURCE_CLASSES", "ClassMap",
            "ClassMapError", "build_class_map"]
 
-#: Logit of a target class that no source class maps to (exp underflows to 0 against any real
-#: logit; finite, and representable in fp16).
-EMPTY_LOGIT = -1.0e4
+#: Smallest per-target sum of exp(logit - max) kept: target logits are at least max + log(FLOOR).
+FLOOR = 1.0e-30
 
 #: Outputs of lidar-bonnetal SemanticKITTI networks (data_cfg.yaml learning_map_inv order).
 SEMANTICKITTI_CLASSES = (
@@ -111,8 +112,8 @@ class ClassMap(nn.Module):
     any trailing dims (H, W for images, none for per-point (N, S) logits).
 
     Attributes:
-        index: (T, K) int64 buffer, the source channels of each target, padded with S (a constant
-            EMPTY_LOGIT channel) up to K = the largest number of sources of one target.
+        mapped: (S',) int64 buffer, the source channels some target uses.
+        membership: (T, S') float buffer, 1 where mapped source j belongs to target t.
     """
 
     def __init__(self, source_names: Sequence[str], target_names: Sequence[str],
@@ -130,11 +131,15 @@ class ClassMap(nn.Module):
                 if s in owner:
                     raise ClassMapError(f"source class {s!r} mapped to both {owner[s]!r} and {t!r}")
                 owner[s] = t
+        if not owner:
+            raise ClassMapError("class map maps no source class")
         self.sources = {t: tuple(mapping.get(t, ())) for t in self.target_names}
-        k = max(1, max(len(v) for v in self.sources.values()))
-        pad = len(self.source_names)
-        index = [[src[s] for s in self.sources[t]] + [pad] * (k - len(self.sources[t])) for t in self.target_names]
-        self.register_buffer("index", torch.tensor(index, dtype=torch.int64), persistent=False)
+        mapped = [i for i, n in enumerate(self.source_names) if n in owner]
+        member = torch.zeros(len(self.target_names), len(mapped))
+        for j, i in enumerate(mapped):
+            member[self.target_names.index(owner[self.source_names[i]]), j] = 1.0
+        self.register_buffer("mapped", torch.tensor(mapped, dtype=torch.int64), persistent=False)
+        self.register_buffer("membership", member, persistent=False)
 
     @property
     def unmapped_sources(self) -> tuple[str, ...]:
@@ -153,17 +158,18 @@ class ClassMap(nn.Module):
                 "map": {t: list(ss) for t, ss in self.sources.items()}}
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        if logits.shape[1] != len(self.source_names):
-            raise ValueError(f"logits have {logits.shape[1]} classes, the map expects {len(self.source_names)}")
+        if logits.dim() < 2 or logits.shape[1] != len(self.source_names):
+            raise ValueError(f"logits must be (B, {len(self.source_names)}, ...), got {tuple(logits.shape)}")
         b, rest = logits.shape[0], logits.shape[2:]
-        pad = torch.full((b, 1, *rest), EMPTY_LOGIT, dtype=logits.dtype, device=logits.device)
-        t, k = self.index.shape
-        x = torch.cat([logits, pad], 1).index_select(1, self.index.reshape(-1))
-        x = x.reshape(b, t, k, *rest)
-        # Stable log-sum-exp written out: ONNX ReduceLogSumExp is exp-then-log in TensorRT,
-        # which overflows in fp16 for logits above ~11.
-        m = x.amax(dim=2, keepdim=True)
-        return (m + torch.log(torch.exp(x - m).sum(dim=2, keepdim=True))).squeeze(2)
+        x = logits.index_select(1, self.mapped)
+        m = x.amax(dim=1, keepdim=True)
+        if logits.dim() == 2:  # per-point (N, S): one (N, S') @ (S', T) product
+            sums = torch.exp(x - m) @ self.membership.to(x.dtype).t()
+            return m + torch.log(sums.clamp_min(FLOOR))
+        e = torch.exp(x - m).reshape(b, x.shape[1], -1)  # (B, S', R)
+        sums = torch.matmul(self.membership.to(e.dtype), e)  # (B, T, R)
+        out = m.reshape(b, 1, -1) + torch.log(sums.clamp_min(FLOOR))
+        return out.reshape(b, len(self.target_names), *rest)
 
 
 def build_class_map(source: str, target: str | ClassSet) -> ClassMap:

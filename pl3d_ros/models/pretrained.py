@@ -53,12 +53,14 @@ def read_state_dict(path: str | Path) -> OrderedDict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        # weights_only=True raises this for any global outside the tensor allow-list.
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PretrainedError(
-            f"{path} is not a plain tensor state dict: it holds non-tensor objects, which are "
-            f"refused unexecuted (weights_only=True): {first}"
-        ) from exc
+        detail = _unpickling_detail(str(exc))
+        if "GLOBAL" in detail:
+            # the restricted unpickler met a class or function outside the tensor allow-list
+            raise PretrainedError(
+                f"{path} is not a plain tensor state dict: it holds non-tensor objects, refused "
+                f"without running them (weights_only=True): {detail}"
+            ) from exc
+        raise PretrainedError(f"cannot read {path} as a PyTorch state dict: {detail}") from exc
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         raise PretrainedError(f"cannot read {path} as a PyTorch state dict: {exc}") from exc
     if not isinstance(obj, Mapping):
@@ -76,6 +78,14 @@ def read_state_dict(path: str | Path) -> OrderedDict[str, torch.Tensor]:
             f"({listed}); save module.state_dict() itself, not a training checkpoint around it"
         )
     return OrderedDict(obj.items())
+
+
+def _unpickling_detail(message: str) -> str:
+    """The informative line of torch's weights_only error (its other lines are boilerplate)."""
+    boiler = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(boiler)]
+    return " ".join(useful) or (lines[0] if lines else "unpickling failed")
 
 
 def _listed(keys: list[str]) -> str:

@@ -28,7 +28,10 @@ setup(
         (f"share/{PACKAGE}/rviz", glob("rviz/*.rviz")),
     ],
     install_requires=[
-        "numpy>=1.24",
+        # Below 2: ROS 2's generated message modules (rosidl_generator_py's C extensions) are
+        # compiled against the distro's numpy 1.x (Humble 1.21, Jazzy 1.26) and fail to import
+        # under numpy 2. A 1.x installed over Humble's 1.21 is ABI-compatible with them.
+        "numpy>=1.24,<2",
         "pyyaml>=6.0",
         "pillow>=9.0",
         "rosbags>=0.10.4",
@@ -51,9 +54,17 @@ setup(
     ],
     extras_require={
         # GPU inference: TensorRT 10 (11 dropped the FP16 builder flag this code uses). GPU buffers
-        # are torch CUDA tensors, so CuPy is not needed. Install where an NVIDIA GPU is present.
-        "trt": ["tensorrt>=10.0,<11"],
-        "dev": ["pytest>=7.4"],
+        # are torch CUDA tensors, so CuPy is not needed. Install where an NVIDIA GPU is present,
+        # the build for torch's CUDA major (python -c "import torch; print(torch.version.cuda)"):
+        # plain `tensorrt>=10,<11` now resolves to a CUDA 13 build (10.16 needs tensorrt_cu13 and
+        # driver R580+), which a CUDA 12 torch or machine cannot use. The backend refuses a
+        # mismatch with the extra to install. Jetson (JetPack 6: TensorRT 10.3, CUDA 12.6): no pip
+        # wheel works there; use JetPack's TensorRT (README, "Running on a robot").
+        "trt-cu12": ["tensorrt-cu12>=10.0,<11"],
+        "trt-cu13": ["tensorrt-cu13>=10.13.2,<11"],  # 10.13.2: the first CUDA 13 wheels
+        "trt": ["tensorrt-cu12>=10.0,<11"],  # the CUDA 12 build; kept for '.[trt]' instructions
+        # mcap: the reference MCAP reader, which the tests use to check the bags' CRCs.
+        "dev": ["pytest>=7.4", "mcap>=1.1"],
     },
     zip_safe=True,
     entry_points={

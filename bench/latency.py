@@ -15,15 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pl3d_ros.config import ModelConfig, RangeImageConfig
+from pl3d_ros.app import build_segmenter
+from pl3d_ros.config import Config, ModelConfig, RangeImageConfig
 from pl3d_ros.io.kitti import KittiSequence
 from pl3d_ros.labels import load_class_set
 from pl3d_ros.models.checkpoint import CheckpointHeader, load_checkpoint
 from pl3d_ros.models.two_stream import build_model
-from pl3d_ros.pipeline import Segmenter
 from pl3d_ros.runtime.base import BackendError
-from pl3d_ros.runtime.onnxruntime_backend import OnnxRuntimeBackend
-from pl3d_ros.runtime.torch_backend import TorchBackend
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("preprocess", "inference", "postprocess", "total")
@@ -45,20 +43,20 @@ def main() -> None:
         header = CheckpointHeader(cfg, load_class_set("xmuda10"), RangeImageConfig())
         model = build_model(cfg, header.class_set.num_classes)
     frames = [f for seq in ("00", "04") for f in list(KittiSequence(Path(args.data) / seq).frames())[: args.frames]]
-    backends = {
-        "torch": TorchBackend(model, header.input_shapes, device="cuda" if torch.cuda.is_available() else "cpu"),
-        "onnxruntime": OnnxRuntimeBackend(model, header, threads=args.threads),
-    }
-    try:
-        from pl3d_ros.runtime.tensorrt_backend import TensorRTBackend
+    def segmenter(backend: str, precision: str = "fp32"):
+        cfg = Config().replace(**{"runtime.backend": backend, "runtime.precision": precision,
+                                  "runtime.threads": args.threads})
+        return build_segmenter(cfg, model, header)
 
+    segs = {"torch": segmenter("torch"), "onnxruntime": segmenter("onnxruntime")}
+    try:
         for precision in ("fp32", "fp16"):
-            backends[f"trt-{precision}"] = TensorRTBackend(model, header, precision=precision)
-    except BackendError as exc:
+            segs[f"trt-{precision}"] = segmenter("tensorrt", precision)
+    except (BackendError, TypeError) as exc:
         print(f"TensorRT rows skipped: {exc}")
+    backends = {name: seg.backend for name, seg in segs.items()}
     results: dict[str, dict[str, list[float]]] = {}
-    for name, backend in backends.items():
-        seg = Segmenter(backend, header)
+    for name, seg in segs.items():
         seg.infer(frames[0])  # warm-up
         times = {s: [] for s in STAGES}
         for frame in frames:
@@ -67,13 +65,13 @@ def main() -> None:
         results[name] = times
     parity = {}
     if len(backends) > 2:  # TensorRT present: logits and labels vs torch fp32 on the first frames
-        ref_seg = Segmenter(backends["torch"], header)
+        ref_seg = segs["torch"]
         for name in (n for n in backends if n.startswith("trt")):
-            seg = Segmenter(backends[name], header)
+            seg = segs[name]
             diffs, agree = [], []
             for frame in frames[:5]:
-                prep = ref_seg.preprocess(frame)
-                a, b = backends["torch"].run(prep.inputs), backends[name].run(prep.inputs)
+                feed = ref_seg.preprocess(frame).arrays()
+                a, b = backends["torch"].run(feed), backends[name].run(feed)
                 diffs.append(max(float(np.abs(a[k] - b[k]).max()) for k in a))
                 agree.append(float((seg.infer(frame).labels == ref_seg.infer(frame).labels).mean()))
             parity[name] = (max(diffs), min(agree))

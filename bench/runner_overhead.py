@@ -9,7 +9,7 @@ depend on the weights) and builds the output cloud as the node does. Each config
 hits them alike. Printed: per-frame processing time (infer + output) p50 / p90, the ratio to the
 no-adapter baseline (target: at most 1.25), frames out / dropped, and adaptation steps per second.
 
-Configurations (T = CPUs available; ThreadBudget in pl3d_ros/runner.py):
+Configurations (T = CPUs available; ThreadBudget in pl3d_ros/cpu_budget.py):
     no adapter              inference T threads                          (the baseline)
     no adapter, T-1 thr     inference T-1 threads                        (what fewer threads cost)
     naive                   adapter with T torch threads, same priority  (no budget)
@@ -33,7 +33,6 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -44,9 +43,12 @@ from pl3d_ros.io.kitti import KittiSequence
 from pl3d_ros.labels import load_class_set
 from pl3d_ros.models.checkpoint import CheckpointHeader
 from pl3d_ros.models.two_stream import build_model
+from pl3d_ros.app import build_segmenter
+from pl3d_ros.cpu_budget import ThreadBudget, WeightDeployer, available_cpus
+from pl3d_ros.health import AdapterHealth
+from pl3d_ros.io.frames import output_arrays
 from pl3d_ros.pipeline import Segmenter
-from pl3d_ros.runner import Runner, RunnerSettings, ThreadBudget, available_cpus, output_arrays
-from pl3d_ros.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from pl3d_ros.runner import Runner, RunnerSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,8 +56,9 @@ REPO = Path(__file__).resolve().parents[1]
 class StandInAdapter:
     """A training step's CPU load behind the adapter interface (see module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, segmenter: Segmenter, swap_every: int = 5) -> None:
+    def __init__(self, model: torch.nn.Module, segmenter: Segmenter, deploy, swap_every: int = 5) -> None:
         self.segmenter = segmenter
+        self.deploy = deploy
         self.student = copy.deepcopy(model).train()
         params = [p for m in self.student.modules()
                   if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm, torch.nn.LayerNorm))
@@ -73,9 +76,9 @@ class StandInAdapter:
         self.steps = self.swaps = self.errors = 0
         self.last_error: str | None = None
 
-    def offer(self, frame: Frame) -> None:
+    def offer(self, frame: Frame, inputs=None) -> None:
         with self.cond:
-            self.buffer.append(frame)
+            self.buffer.append((frame, inputs))
             self.cond.notify()
 
     def start(self) -> None:
@@ -88,18 +91,17 @@ class StandInAdapter:
                 self.cond.wait_for(lambda: self.buffer or self.stop_event.is_set(), 0.1)
                 if not self.buffer:
                     continue
-                frame = self.buffer.pop()
+                frame, inputs = self.buffer.pop()
             try:
-                inputs = self.segmenter.preprocess(frame).inputs
-                out = self.student(torch.from_numpy(inputs["image"]),
-                                   torch.from_numpy(inputs["range_image"]))
+                inputs = inputs or self.segmenter.preprocess(frame)
+                out = self.student(inputs.image, inputs.range_image)
                 loss = sum(o.float().logsumexp(1).mean() for o in out[:2])
                 self.opt.zero_grad()
                 loss.backward()
                 self.opt.step()
                 self.steps += 1
                 if self.steps % self.swap_every == 0:
-                    self.segmenter.backend.swap_weights(self.student.state_dict())
+                    self.deploy(self.student.state_dict())
                     self.swaps += 1
             except Exception as exc:  # a bench must report, not die
                 self.errors += 1
@@ -114,9 +116,9 @@ class StandInAdapter:
             return not self.thread.is_alive()
         return True
 
-    def health(self) -> dict[str, Any]:
-        return {"steps": self.steps, "weight_swaps": self.swaps, "errors": self.errors,
-                "last_error": self.last_error}
+    def health(self) -> AdapterHealth:
+        return AdapterHealth(method="stand-in", running=self.thread is not None, steps=self.steps,
+                             weight_swaps=self.swaps, errors=self.errors, last_error=self.last_error)
 
     def reset(self) -> None:
         pass
@@ -125,19 +127,19 @@ class StandInAdapter:
         pass
 
 
-def make_adapter(kind: str, model, header, segmenter, cfg: Config):
+def make_adapter(kind: str, model, header, segmenter, cfg: Config, deployer: WeightDeployer):
     """(adapter, name): the real Adapter when asked for / available and working, else stand-in."""
     if kind in ("auto", "real"):
         try:
             from pl3d_ros.adapt.adapter import Adapter
 
-            adapter = Adapter(model, header, cfg, on_weights=lambda sd: segmenter.backend.swap_weights(sd))
+            adapter = Adapter(model, header, cfg, on_weights=deployer)
             return adapter, f"real Adapter ({cfg.adapt.method})"
         except Exception as exc:
             if kind == "real":
                 raise
             print(f"real Adapter unavailable ({type(exc).__name__}: {exc}); using the stand-in")
-    return StandInAdapter(model, segmenter), "stand-in (forward + backward + Adam, swap every 5)"
+    return StandInAdapter(model, segmenter, deployer), "stand-in (forward + backward + Adam, swap every 5)"
 
 
 @dataclass
@@ -153,18 +155,19 @@ class Result:
 
 def run_config(name: str, budget: ThreadBudget, segmenter: Segmenter, frames: list[Frame],
                adapter_factory, seconds: float, rate: float, warmup: int = 3) -> Result:
-    adapter = adapter_factory() if adapter_factory else None
+    deployer = WeightDeployer(segmenter.backend.swap_weights) if adapter_factory else None
+    adapter = adapter_factory(deployer) if adapter_factory else None
     times: list[float] = []
     palette = segmenter.header.class_set
 
     def output(frame, pred):  # the node's per-frame work besides inference
         output_arrays(frame, pred, palette, segmentation=True, visualization=False)
 
-    runner = Runner(segmenter, output, adapter,
+    runner = Runner(segmenter, output, adapter, deployer=deployer,
                     settings=RunnerSettings(budget_ms=1e6, threads=budget),
                     on_timing=lambda t: times.append(t.stages_ms["total"]))
     runner.start()
-    steps0 = (adapter.health().get("steps", 0) or 0) if adapter else 0
+    steps0 = adapter.health().steps if adapter else 0
     t0 = time.monotonic()
     i = 0
     while time.monotonic() - t0 < seconds:
@@ -180,8 +183,8 @@ def run_config(name: str, budget: ThreadBudget, segmenter: Segmenter, frames: li
     errors = 0
     if adapter is not None:
         ah = adapter.health()
-        steps = ((ah.get("steps", 0) or 0) - steps0) / elapsed
-        errors = int(ah.get("errors", 0) or 0)
+        steps = (ah.steps - steps0) / elapsed
+        errors = ah.errors
     return Result(name, budget, times[warmup:], health.frames_out, health.frames_dropped, steps,
                   errors)
 
@@ -224,16 +227,15 @@ def main() -> None:
     for _, budget, _ in configs:
         n = budget.inference_threads
         if n not in segmenters:
-            seg = Segmenter(OnnxRuntimeBackend(model, header, providers=["CPUExecutionProvider"],
-                                               threads=n), header)
+            seg = build_segmenter(cfg.replace(**{"runtime.backend": "onnxruntime"}), model, header, threads=n)
             seg.infer(frames[0])  # warm-up
             segmenters[n] = seg
     adapter_name = None
 
     def factory_for(seg: Segmenter):
-        def make():
+        def make(deployer: WeightDeployer):
             nonlocal adapter_name
-            adapter, adapter_name = make_adapter(args.adapter, model, header, seg, cfg)
+            adapter, adapter_name = make_adapter(args.adapter, model, header, seg, cfg, deployer)
             return adapter
         return make
 

@@ -83,14 +83,12 @@ def main() -> None:
         series = {}
         for label in labels:
             method, disable = RUNS[label]
-            cfg = Config()
-            cfg.adapt.disable = list(disable)
-            cfg.adapt.steps_per_frame = args.steps_per_frame
-            cfg.validate()
+            cfg = Config().replace(**{"adapt.method": method, "adapt.disable": list(disable),
+                                      "adapt.steps_per_frame": args.steps_per_frame,
+                                      "runtime.threads": args.threads})
             run_dir = out / corr.replace(":", "") / label.replace(" ", "_").replace("/", "").replace("+", "")
-            opts = ReplayOptions(method=method, corrupt="" if corr == "none" else corr, seed=args.seed,
-                                 threads=args.threads, max_frames=args.frames, write_bag=False,
-                                 label=label, config=cfg)
+            opts = ReplayOptions(corrupt="" if corr == "none" else corr, seed=args.seed,
+                                 max_frames=args.frames, write_bag=False, label=label, config=cfg)
             t = time.perf_counter()
             m = replay(stream, ckpt, run_dir, opts)
             results.setdefault(label, {})[corr] = {

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pl3d_ros import __version__
+from pl3d_ros import __version__, registry
 
 log = logging.getLogger("pl3d")
 
@@ -48,14 +48,15 @@ def cmd_kitti2bag(args: argparse.Namespace) -> int:
 
 
 def cmd_bag_info(args: argparse.Namespace) -> int:
-    from pl3d_ros.io.bag import BagReader, BagTopics
+    from pl3d_ros.io.bag import BagReader
 
-    reader = BagReader(args.bag, BagTopics(args.image_topic, args.camera_info_topic, args.cloud_topic),
-                       slop_s=args.slop)
+    cfg = _config(args, reading=True)
+    o = _read_options(args, cfg)
+    reader = BagReader(args.bag, o.topics, slop_s=o.slop_s, T_cam_lidar=o.T_cam_lidar)
     info = reader.info()
     if args.json:
         print(json.dumps(info, indent=2))
-        return 0
+        return 0 if "sync" in info else 1
     print(f"bag:       {info['path']}")
     print(f"duration:  {info['duration_s']:.3f} s, {info['messages']} messages")
     print(f"{'topic':<28} {'type':<32} {'count':>6} {'rate Hz':>8}")
@@ -69,14 +70,12 @@ def cmd_bag_info(args: argparse.Namespace) -> int:
         print(f"tf frames: {', '.join(info['tf_frames']) or 'none'}")
     else:
         print(f"sync:      impossible: {info['sync_error']}")
+    from pl3d_ros.io.sources import describe_skips
+
     st = info["stats"]
-    reasons = ", ".join(f"{k} {st[k]}" for k in ("no_image", "no_camera_info", "out_of_order",
-                                                  "duplicate", "undecodable") if st[k])
     print(f"synced frames: {info['synced_frames']}, skipped {st['skipped']}"
-          + (f" ({reasons})" if reasons else ""))
-    if st["truncated"]:
-        print(f"WARNING: bag ended early: {st['error']}")
-    return 0
+          + (f" (frames: {describe_skips(st)})" if st["frames_skipped"] or st["truncated"] else ""))
+    return 0 if "sync" in info else 1  # a replay of this bag would fail: say so to scripts too
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -100,39 +99,41 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from tqdm import tqdm
 
-    from pl3d_ros.config import Config, ConfigError
     from pl3d_ros.eval.replay import ReplayOptions, replay
 
-    cfg = Config.from_yaml(args.config) if args.config else Config()
-    adapt = cfg.adapt
+    changes = {"adapt.method": args.method, "runtime.backend": args.backend, "runtime.threads": args.threads}
     if args.disable:
-        if args.method != "full":
-            raise ConfigError("--disable applies to --method full only")
-        adapt = dataclasses.replace(adapt, disable=[c.strip() for c in args.disable.split(",") if c.strip()])
+        changes["adapt.disable"] = [c.strip() for c in args.disable.split(",") if c.strip()]
     if args.steps_per_frame:
-        adapt = dataclasses.replace(adapt, steps_per_frame=args.steps_per_frame)
-    cfg = dataclasses.replace(cfg, adapt=adapt)
-    cfg.validate()
-    opts = ReplayOptions(method=args.method, corrupt=args.corrupt or "", mode=args.mode, seed=args.seed,
-                         backend=args.backend, threads=args.threads, max_frames=args.max_frames,
-                         write_bag=not args.no_bag, label=args.label or "", config=cfg)
-    bar = tqdm(desc=f"replay {args.method}", unit="frame", file=sys.stderr, dynamic_ncols=True,
+        changes["adapt.steps_per_frame"] = args.steps_per_frame
+    cfg = _config(args, reading=True).replace(**{k: v for k, v in changes.items() if v is not None})
+    if cfg.adapt.disable and cfg.adapt.method != "full":
+        from pl3d_ros.config import ConfigError
+
+        raise ConfigError("--disable applies to --method full only")
+    opts = ReplayOptions(corrupt=args.corrupt or "", mode=args.mode, seed=args.seed, max_frames=args.max_frames,
+                         write_bag=not args.no_bag, label=args.label or "", config=cfg,
+                         topics=_read_options(args, cfg).topics)
+    bar = tqdm(desc=f"replay {cfg.adapt.method}", unit="frame", file=sys.stderr, dynamic_ncols=True,
                total=args.max_frames)
 
     def progress(done: int, info: dict) -> None:
         bar.update(done - bar.n)
         bar.set_postfix(miou=f"{info['miou']:.1f}")
 
-    metrics = replay(args.input, _model_path(args.model), args.out, opts, progress)
+    metrics = replay(args.input, args.model, args.out, opts, progress)
     bar.close()
+    scored = (f"mIoU fused {metrics['miou']['fused']:.1f} / 2D {metrics['miou']['2d']:.1f} / "
+              f"3D {metrics['miou']['3d']:.1f} over {metrics['frames_scored']} scored frames"
+              if metrics["frames_scored"] else "no ground-truth labels: nothing scored")
     print(f"{metrics['label']} on {metrics['input']} ({metrics['corruption']}, {metrics['mode']}): "
-          f"mIoU fused {metrics['miou']['fused']:.1f} / 2D {metrics['miou']['2d']:.1f} / "
-          f"3D {metrics['miou']['3d']:.1f} over {metrics['frames']} frames; "
+          f"{metrics['frames_processed']} frames labelled; {scored}; "
           f"{metrics['adapt_steps']} adaptation steps, {metrics['weight_swaps']} weight swaps")
+    for i in metrics["inputs_read"]:
+        if i.get("frames_skipped") or i.get("truncated"):
+            print(f"WARNING: {i['input']}: {i.get('frames_skipped', 0)} frame(s) skipped: {i['skip_reasons']}")
     for stage, v in metrics["pseudo_labels"].items():
         print(f"pseudo-labels {stage}: density {v['density']}% (in view {v.get('density_in_view')}%), "
               f"precision {v['precision']}%")
@@ -170,13 +171,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_path(model: str | None) -> str:
-    """The checkpoint to use: the given path, or the bundled default weights."""
-    if model:
-        return model
-    from pl3d_ros.weights import default_model_path
+def _config(args: argparse.Namespace, reading: bool = False):
+    """The settings of ``--config`` (a params file or nested YAML), else the defaults; with
+    ``reading``, ``--slop`` and ``--extrinsics`` override sync.slop_s / frames.static_extrinsics."""
+    from pl3d_ros.config import Config
 
-    return str(default_model_path())
+    cfg = Config.from_yaml(args.config) if getattr(args, "config", None) else Config()
+    if reading:
+        changes = {}
+        if getattr(args, "slop", None) is not None:
+            changes["sync.slop_s"] = args.slop
+        if getattr(args, "extrinsics", None):
+            changes["frames.static_extrinsics"] = [v for v in args.extrinsics.replace(",", " ").split()]
+        cfg = cfg.replace(**changes) if changes else cfg
+    return cfg
+
+
+def _add_read_options(p: argparse.ArgumentParser) -> None:
+    """The options every command that reads bags shares (topics, slop, extrinsics)."""
+    p.add_argument("--image-topic", default=None, help="image topic (default /camera/image_raw, else the "
+                   "bag's only Image topic); a name given here must be in the bag")
+    p.add_argument("--camera-info-topic", default=None, help="CameraInfo topic (default /camera/camera_info)")
+    p.add_argument("--cloud-topic", default=None, help="PointCloud2 topic (default /lidar/points)")
+    p.add_argument("--slop", type=float, default=None, help="sync.slop_s: largest image-cloud stamp "
+                   "difference that pairs, s (default: the --config's, 0.05)")
+    p.add_argument("--extrinsics", default=None, help="frames.static_extrinsics: 16 numbers, row-major "
+                   "4x4 T_cam_lidar (LiDAR -> camera optical), instead of the bag's TF")
+
+
+def _read_options(args: argparse.Namespace, cfg):
+    """ReadOptions from the command's topic options and the settings' slop and extrinsics."""
+    from pl3d_ros.eval.replay import read_options
+    from pl3d_ros.io.bag import BagTopics
+
+    return read_options(cfg, BagTopics.given(args.image_topic, args.camera_info_topic, args.cloud_topic))
 
 
 def _join_paths(paths) -> str:
@@ -186,32 +214,30 @@ def _join_paths(paths) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from pl3d_ros.config import ModelConfig
+    from pl3d_ros.app import build_segmenter
+    from pl3d_ros.config import Config, ModelConfig, TrainingConfig
     from pl3d_ros.eval.evaluate import evaluate, write_report
     from pl3d_ros.io.sources import load_frames
     from pl3d_ros.labels import load_class_set
-    from pl3d_ros.pipeline import Segmenter
-    from pl3d_ros.runtime.torch_backend import TorchBackend
     from pl3d_ros.train.augment import AugmentConfig
     from pl3d_ros.train.trainer import TrainConfig, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    class_set = load_class_set(args.class_set)
+    base = TrainingConfig.from_yaml(args.config) if args.config else TrainingConfig()
+    class_set = load_class_set(args.class_set or base.class_set)
     frames = load_frames(args.data, require_labels=True)
     val_frames = load_frames(args.val, require_labels=True) if args.val else []
     print(f"training on {len(frames)} frames from {_join_paths(args.data)}"
           + (f"; validating on {len(val_frames)} frames from {_join_paths(args.val)}" if val_frames else ""))
-    from pl3d_ros.config import Config
-
-    base = Config.from_yaml(args.config) if args.config else Config()
     model_cfg = ModelConfig.from_preset(args.preset) if args.preset else base.model
     sensor = base.sensor
+    run_cfg = Config().replace(**{"runtime.backend": "torch"})
 
     last: dict = {}  # the latest validation summary; the trainer always validates its last epoch
 
     def validate(model, header):
-        seg = Segmenter(TorchBackend(model, header.input_shapes), header)
+        seg = build_segmenter(run_cfg, model, header)
         last["summary"] = evaluate(seg.infer, val_frames, class_set).summary(class_set.names)
         return last["summary"]["miou"]
 
@@ -242,30 +268,48 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
+    from pl3d_ros.app import build
     from pl3d_ros.eval.evaluate import evaluate, write_report
     from pl3d_ros.eval.metrics import format_table
     from pl3d_ros.io.sources import load_frames
-    from pl3d_ros.models.checkpoint import load_checkpoint
-    from pl3d_ros.pipeline import Segmenter
-    from pl3d_ros.runtime.factory import create_backend
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, header = load_checkpoint(args.checkpoint)
-    frames = load_frames(args.data, require_labels=True)
-    backend = create_backend(args.backend, model, header, threads=args.threads, precision=args.precision)
-    seg = Segmenter(backend, header)
+    changes = {"runtime.backend": args.backend, "runtime.precision": args.precision, "runtime.threads": args.threads}
+    cfg = _config(args, reading=True).replace(**{k: v for k, v in changes.items() if v is not None})
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    frames = load_frames(args.data, require_labels=True, options=_read_options(args, cfg))
+    app = build(cfg, checkpoint=args.checkpoint, adapt=False, threads=cfg.runtime.threads)
+    seg, header = app.segmenter, app.header
     seg.infer(frames[0])  # warm-up: first-run allocations are not the latency a user sees
     bar = _progress("eval", len(frames))
     scores = evaluate(seg.infer, frames, header.class_set, lambda done: bar(done, len(frames)))
     summary = scores.summary(header.class_set.names)
     write_report(summary, header.class_set, args.out,
                  {"checkpoint": str(args.checkpoint), "inputs": [str(p) for p in args.data],
-                  "backend": backend.describe()})
+                  "backend": seg.backend.describe()})
     print(format_table(summary, header.class_set.names))
     print("latency (ms): " + ", ".join(f"{k} p50 {v['p50']:.1f} / p90 {v['p90']:.1f}"
                                        for k, v in summary["latency_ms"].items()))
     print(f"wrote {Path(args.out) / 'metrics.json'}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from pl3d_ros import params_files
+
+    if args.write:
+        for path in params_files.write(args.write):
+            print(f"wrote {path}")
+        return 0
+    if args.check:
+        stale = params_files.stale(args.check)
+        if stale:
+            print(f"stale in {args.check}: {', '.join(stale)}; run `pl3d config --write {args.check}`",
+                  file=sys.stderr)
+            return 1
+        print(f"{args.check}: {params_files.YAML_NAME} and {params_files.SCHEMA_NAME} are up to date")
+        return 0
+    print(params_files.render_yaml(_config(args)), end="")
     return 0
 
 
@@ -308,10 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("bag")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--slop", type=float, default=0.05, help="sync tolerance in seconds (default 0.05)")
-    p.add_argument("--image-topic", default="/camera/image_raw")
-    p.add_argument("--camera-info-topic", default="/camera/camera_info")
-    p.add_argument("--cloud-topic", default="/lidar/points")
+    p.add_argument("--config", default=None, help="settings YAML (its sync.slop_s, frames.static_extrinsics)")
+    _add_read_options(p)
     p.set_defaults(func=cmd_bag_info)
 
     p = sub.add_parser(
@@ -330,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "GPU compute capability). Needs an NVIDIA GPU and `pip install '.[trt]'`.",
     )
     p.add_argument("export_dir")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp16")
+    p.add_argument("--precision", choices=registry.PRECISIONS, default="fp16")
     p.add_argument("--cache-dir", default=None,
                    help="default: $PL3D_ENGINE_CACHE or ~/.cache/pl3d_ros/engines")
     p.add_argument("--force", action="store_true", help="rebuild even when a valid entry exists")
@@ -352,8 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None,
                    help="model size preset: cpu | gpu (default: the config's model, i.e. cpu)")
     p.add_argument("--config", default=None,
-                   help="settings YAML (model and sensor sections are used; default: built-in)")
-    p.add_argument("--class-set", default="xmuda10")
+                   help="training settings YAML: class_set, model and sensor sections (pl3d_ros.config."
+                        "TrainingConfig; default: built-in)")
+    p.add_argument("--class-set", default=None, help="class set (default: the --config's, xmuda10)")
     p.add_argument("--val-every", type=int, default=5, help="validate every N epochs (and at the end)")
     p.add_argument("--time-limit", type=float, default=0.0, help="minutes; stop after the epoch that passes it")
     p.add_argument("--resume", action="store_true", help="continue from --out's training state")
@@ -371,9 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--data", nargs="+", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--backend", default="onnxruntime", help="onnxruntime | torch | tensorrt")
-    p.add_argument("--precision", default="fp16", help="TensorRT precision (fp32 | fp16)")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--backend", choices=registry.BACKENDS.names, default=None,
+                   help="runtime.backend (default: the --config's, onnxruntime)")
+    p.add_argument("--precision", choices=registry.PRECISIONS, default=None, help="runtime.precision (TensorRT)")
+    p.add_argument("--threads", type=int, default=None, help="runtime.threads")
+    p.add_argument("--config", default=None, help="settings YAML (a params file or nested sections)")
+    _add_read_options(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -385,20 +431,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", nargs="+", help="ROS 2 bag(s) or SemanticKITTI sequence folder(s), "
                    "played one after the other as one stream")
     p.add_argument("--model", default=None, help="checkpoint (default: the bundled model)")
-    p.add_argument("--method", choices=("source", "tent", "pl", "full"), default="full")
+    p.add_argument("--method", choices=registry.METHODS.names, default=None,
+                   help="adapt.method (default: the --config's, full)")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--corrupt", default="", help="domain shift, e.g. fog:3,night:2 (see pl3d corruptions)")
     p.add_argument("--mode", choices=("lockstep", "realtime"), default="lockstep")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--disable", default="",
-                   help="components of full to switch off: mla,gapp,connectivity,negative,erda,xm,restore,guard")
+                   help="components of full to switch off, comma-separated: " + ",".join(registry.COMPONENTS))
     p.add_argument("--steps-per-frame", type=int, default=0, help="lockstep adaptation steps per frame")
-    p.add_argument("--config", default=None, help="settings YAML (adapt, refine, ... sections)")
-    p.add_argument("--backend", default="onnxruntime", help="onnxruntime | torch | tensorrt")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--config", default=None, help="settings YAML (a params file or nested sections)")
+    p.add_argument("--backend", choices=registry.BACKENDS.names, default=None,
+                   help="runtime.backend (default: the --config's, onnxruntime)")
+    p.add_argument("--threads", type=int, default=None, help="runtime.threads (0: all)")
     p.add_argument("--max-frames", type=int, default=None)
     p.add_argument("--no-bag", action="store_true", help="skip the labeled output bag")
     p.add_argument("--label", default=None, help="run name in tables and plots")
+    _add_read_options(p)
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser(
@@ -428,6 +477,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh", action="store_true", help="re-simulate instead of using the cache")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser(
+        "config", help="the node's parameters: print them, or (re)generate config/pl3d.yaml + schema",
+        description="Without options: print the params file (of --config's values, else the defaults). "
+                    "--write DIR regenerates DIR/pl3d.yaml and DIR/pl3d.schema.json from the settings' "
+                    "declarations (pl3d_ros/config.py); --check DIR exits 1 when they are stale.",
+    )
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--write", metavar="DIR", help="regenerate the params file and its JSON schema in DIR")
+    g.add_argument("--check", metavar="DIR", help="exit 1 if DIR's files differ from the declarations")
+    p.add_argument("--config", default=None, help="settings YAML whose values to print")
+    p.set_defaults(func=cmd_config)
+
     p = sub.add_parser("corruptions", help="list the domain-shift corruptions and their severities")
     p.set_defaults(func=lambda args: print(__import__("pl3d_ros.eval.corruptions", fromlist=["x"]).describe()) or 0)
     return parser
@@ -445,6 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pl3d_ros.io.bag import BagError
     from pl3d_ros.io.kitti import KittiError
     from pl3d_ros.config import ConfigError
+    from pl3d_ros.eval.replay import ReplayError
     from pl3d_ros.labels import ClassSetError
     from pl3d_ros.models.checkpoint import CheckpointError
     from pl3d_ros.runtime.base import BackendError
@@ -452,7 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (BagError, KittiError, FrameError, CheckpointError, ConfigError, ClassSetError, BackendError,
-            FileNotFoundError) as exc:
+            ReplayError, FileNotFoundError) as exc:
         print(f"pl3d {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

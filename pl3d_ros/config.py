@@ -1,45 +1,62 @@
-"""One dataclass tree for every setting of pl3d_ros.
+"""One dataclass tree for every setting of pl3d_ros, and the one place each setting is described.
 
-Each leaf has one name, one default and one place it is read. The tree loads from YAML (either the
-plain nested form or the ROS 2 ``node_name: ros__parameters:`` form) and flattens to dotted names
-that are exactly the node's ROS parameters (``sensor.rows``, ``sync.slop_s``, ...).
+Every leaf is declared with ``settings.setting``: its default, a one-line description, its unit and
+its allowed values (range, choices). From that one declaration come
+
+* validation (:meth:`Config.validate`, at load: wrong types, non-finite numbers, out-of-range
+  values and unknown choices raise :class:`ConfigError` naming the setting),
+* the node's ROS parameters (``ros_params.parameter_specs``: names, types, descriptions),
+* ``config/pl3d.yaml`` and ``config/pl3d.schema.json`` (``pl3d config --write config``; a test
+  fails when either is stale; see ``params_files.py``).
+
+Two roots. :class:`Config` is what the node and the offline tools (replay, eval, demo, bench) run
+with; its dotted leaf names are exactly the node's ROS parameters. :class:`TrainingConfig` holds
+what only training decides (network shape, range-image geometry); at run time those come from
+the checkpoint's header, never from a setting.
+
+YAML in: the plain nested form, or a ROS 2 params file (``/**:`` or ``node_name:`` then
+``ros__parameters:``). YAML 1.1 reads ``1e-3`` as a string: numeric strings are accepted for
+numbers.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from pl3d_ros import registry
+from pl3d_ros.settings import ConfigError, Leaf, Root, Section, leaves, section, sections, setting
+
+__all__ = ["Config", "ConfigError", "TrainingConfig", "ModelConfig", "RangeImageConfig", "Leaf", "leaves",
+           "sections", "MODEL_PRESETS"]
 
 
-class ConfigError(ValueError):
-    """A setting is unknown, has the wrong type, or is out of range."""
-
+# --------------------------------------------------------------------------------------------------
+# What the network and the checkpoint fix (training settings; at run time: the checkpoint header)
+# --------------------------------------------------------------------------------------------------
 
 @dataclass
-class RangeImageConfig:
+class RangeImageConfig(Section):
     """Spherical range image of a spinning LiDAR (defaults: Velodyne HDL-64E as in KITTI).
 
     rows x cols cells; rows span the vertical field of view [fov_down_deg, fov_up_deg] (degrees,
     up positive), columns span 360 degrees of azimuth starting behind the sensor.
     """
 
-    rows: int = 64
-    cols: int = 2048
-    fov_up_deg: float = 3.0
-    fov_down_deg: float = -25.0
+    key = "sensor"
 
-    def validate(self) -> None:
-        if self.rows <= 0 or self.cols <= 0:
-            raise ConfigError(f"sensor.rows and sensor.cols must be positive, got {self.rows}x{self.cols}")
+    rows: int = setting(64, "range image rows (beams)", min=1)
+    cols: int = setting(2048, "range image columns (azimuth bins over 360 degrees)", min=1)
+    fov_up_deg: float = setting(3.0, "upper vertical field of view (up positive)", unit="deg",
+                                min=-90.0, max=90.0)
+    fov_down_deg: float = setting(-25.0, "lower vertical field of view", unit="deg", min=-90.0, max=90.0)
+
+    def check(self) -> None:
         if not self.fov_up_deg > self.fov_down_deg:
-            raise ConfigError(
-                f"sensor.fov_up_deg ({self.fov_up_deg}) must exceed sensor.fov_down_deg ({self.fov_down_deg})"
-            )
+            raise ConfigError(f"sensor.fov_up_deg ({self.fov_up_deg}) must exceed "
+                              f"sensor.fov_down_deg ({self.fov_down_deg})")
 
     @property
     def fov_up(self) -> float:
@@ -57,20 +74,6 @@ class RangeImageConfig:
         return (self.fov_up - self.fov_down) / self.rows
 
 
-@dataclass
-class SyncConfig:
-    """Pairing of image, camera info and cloud by header stamp."""
-
-    slop_s: float = 0.05  # half of a 10 Hz camera period
-    queue_size: int = 10
-
-    def validate(self) -> None:
-        if self.slop_s <= 0:
-            raise ConfigError(f"sync.slop_s must be positive, got {self.slop_s}")
-        if self.queue_size <= 0:
-            raise ConfigError(f"sync.queue_size must be positive, got {self.queue_size}")
-
-
 #: Network sizes. "cpu" meets the 2-core latency budget; "gpu" is for TensorRT on a desktop GPU
 #: or a Jetson Orin. Image input sizes keep KITTI's ~3.3:1 aspect (other cameras are cropped).
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
@@ -82,15 +85,18 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """Two-stream network shape. The image is resized and centre-cropped to image_width x
     image_height (pixels) before the image branch; widths are channels per U-Net stage."""
 
-    preset: str = "cpu"
-    image_width: int = 640
-    image_height: int = 192
-    image_widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
-    range_widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    key = "model"
+
+    preset: str = setting("cpu", "name of the network size (a preset's, or any for custom widths)",
+                          choices=tuple(MODEL_PRESETS), open_choices=True)
+    image_width: int = setting(640, "image branch input width (resize + centre crop)", unit="px", min=1)
+    image_height: int = setting(192, "image branch input height", unit="px", min=1)
+    image_widths: list[int] = setting([16, 32, 64, 128], "channels per U-Net stage of the image branch", min=1)
+    range_widths: list[int] = setting([16, 32, 64, 128], "channels per U-Net stage of the range branch", min=1)
 
     @classmethod
     def from_preset(cls, name: str) -> ModelConfig:
@@ -98,396 +104,282 @@ class ModelConfig:
             raise ConfigError(f"unknown model preset {name!r}; choose from {sorted(MODEL_PRESETS)}")
         return cls(preset=name, **MODEL_PRESETS[name])
 
-    def validate(self) -> None:
+    def check(self) -> None:
         for key in ("image_widths", "range_widths"):
-            widths = getattr(self, key)
-            if len(widths) < 2 or any(int(w) != w or w <= 0 for w in widths):
-                raise ConfigError(f"model.{key} needs >= 2 positive integers, got {widths}")
+            if len(getattr(self, key)) < 2:
+                raise ConfigError(f"model.{key} needs >= 2 positive integers, got {getattr(self, key)}")
         div = 2 ** (len(self.image_widths) - 1)
         if self.image_width % div or self.image_height % div:
             raise ConfigError(
                 f"model.image_width/height ({self.image_width}x{self.image_height}) must be "
-                f"divisible by {div} for {len(self.image_widths)} U-Net stages"
-            )
+                f"divisible by {div} for {len(self.image_widths)} U-Net stages")
 
     def check_sensor(self, sensor: RangeImageConfig) -> None:
         div = 2 ** (len(self.range_widths) - 1)
         if sensor.rows % div or sensor.cols % div:
             raise ConfigError(
                 f"sensor.rows/cols ({sensor.rows}x{sensor.cols}) must be divisible by {div} "
-                f"for {len(self.range_widths)} range U-Net stages"
-            )
+                f"for {len(self.range_widths)} range U-Net stages")
 
 
 @dataclass
-class PseudoLabelConfig:
+class TrainingConfig(Root):
+    """What ``pl3d train`` fixes and the checkpoint header carries: classes, network, sensor."""
+
+    class_set: str = setting("xmuda10", "class set to train (pl3d_ros/classes/*.yaml or a path)",
+                             choices=("xmuda10", "semantickitti19"), open_choices=True)
+    model: ModelConfig = section()
+    sensor: RangeImageConfig = section()
+
+    def check(self) -> None:
+        _check_class_set(self.class_set, "class_set")
+        self.model.check_sensor(self.sensor)
+
+
+# --------------------------------------------------------------------------------------------------
+# What the node and the offline tools run with (the node's ROS parameters)
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class SyncConfig(Section):
+    """Pairing of image, camera info and cloud by header stamp (message_filters
+    ApproximateTimeSynchronizer)."""
+
+    key = "sync"
+
+    slop_s: float = setting(0.05, "largest stamp difference that still pairs (at least half the camera period)",
+                            unit="s", gt=0.0, max=10.0)
+    queue_size: int = setting(10, "messages kept per input while pairing (5-10: the cost grows as queue_size^2)",
+                              min=1, max=1000)
+
+
+@dataclass
+class PseudoLabelConfig(Section):
     """Base pseudo-labels (METHODS.md section 0): class-wise thresholds over a running window."""
 
-    confidence_cap: float = 0.9  # keep class c if confidence >= min(median_c, cap)
-    median_window_frames: int = 50
+    key = "pseudo_labels"
 
-    def validate(self) -> None:
-        _check_range("pseudo_labels.confidence_cap", self.confidence_cap, 0.0, 1.0)
-        _check_positive("pseudo_labels.median_window_frames", self.median_window_frames)
-
-
-@dataclass
-class RefineConfig:
-    """SAM-guided refinement (METHODS.md section 1): masks, MLA, GAPP."""
-
-    mask_provider: str = "auto"  # auto (sam/mobile_sam if a checkpoint is set, else superpixel)
-    sam_checkpoint: str = ""  # path to a segment-anything / MobileSAM checkpoint
-    sam_model_type: str = "vit_b"  # vit_b | vit_l | vit_h (sam) or vit_t (mobile_sam)
-    sam_every_k_frames: int = 5  # SAM is slow: refine every k-th frame
-    sam_points_per_side: int = 16
-    superpixel_scale: float = 200.0  # Felzenszwalb parameters
-    superpixel_sigma: float = 0.8
-    superpixel_min_size: int = 200
-    mla_min_points: int = 10  # |P_k|
-    mla_min_labeled: int = 3  # |L_k|
-    mla_purity: float = 0.8
-    mla_representativity: float = 0.2  # |L_k| / |P_k|
-    mla_max_area: float = 0.25  # share of the image a kept mask may cover
-    gapp_max_rounds: int = 10
-    gapp_radius_m: float = 0.3  # r = max(radius_m, radius_beams * range * vertical resolution)
-    gapp_radius_beams: float = 3.0
-    gapp_depth_abs_m: float = 0.5  # depth gate = max(abs, rel * depth)
-    gapp_depth_rel: float = 0.05
-    protect_confident: bool = True  # never overwrite a point's own confident pseudo-label
-
-    def validate(self) -> None:
-        if self.mask_provider not in ("auto", "sam", "mobile_sam", "superpixel"):
-            raise ConfigError(f"refine.mask_provider must be auto, sam, mobile_sam or superpixel, "
-                              f"got {self.mask_provider!r}")
-        for name in ("sam_every_k_frames", "sam_points_per_side", "superpixel_min_size",
-                     "gapp_max_rounds", "mla_min_points", "mla_min_labeled"):
-            _check_positive(f"refine.{name}", getattr(self, name))
-        for name in ("mla_purity", "mla_representativity", "mla_max_area", "gapp_depth_rel"):
-            _check_range(f"refine.{name}", getattr(self, name), 0.0, 1.0)
+    confidence_cap: float = setting(0.9, "keep class c if confidence >= min(running median of c, cap)",
+                                    min=0.0, max=1.0)
+    median_window_frames: int = setting(50, "frames in the running window of class medians", min=1)
 
 
 @dataclass
-class ConnectivityConfig:
+class RefineConfig(Section):
+    """SAM-guided refinement: masks, mask label assignment (MLA), propagation (GAPP) (METHODS.md 1)."""
+
+    key = "refine"
+
+    mask_provider: str = setting("auto", "mask provider (auto = sam / mobile_sam given sam_checkpoint, else superpixel)",
+                                 choices=lambda: registry.MASK_PROVIDERS.names)
+    sam_checkpoint: str = setting("", "segment-anything / MobileSAM checkpoint path; \"\" = none")
+    sam_model_type: str = setting("vit_b", "SAM architecture (vit_t = MobileSAM)",
+                                  choices=("vit_b", "vit_l", "vit_h", "vit_t"))
+    sam_every_k_frames: int = setting(5, "run SAM / MobileSAM on every k-th adapted frame (they are slow)", min=1)
+    sam_points_per_side: int = setting(16, "SAM automatic mask generator grid", min=1)
+    superpixel_scale: float = setting(200.0, "Felzenszwalb scale", gt=0.0)
+    superpixel_sigma: float = setting(0.8, "Felzenszwalb Gaussian pre-smoothing sigma", unit="px", min=0.0)
+    superpixel_min_size: int = setting(200, "Felzenszwalb minimum segment size", unit="px", min=1)
+    mla_min_points: int = setting(10, "MLA: a mask needs at least this many points (|P_k|)", min=1)
+    mla_min_labeled: int = setting(3, "MLA: ... and this many pseudo-labeled points (|L_k|)", min=1)
+    mla_purity: float = setting(0.8, "MLA: share of the majority label among the labeled points", min=0.0, max=1.0)
+    mla_representativity: float = setting(0.2, "MLA: labeled points / all points of the mask", min=0.0, max=1.0)
+    mla_max_area: float = setting(0.25, "MLA: largest share of the image a kept mask may cover", min=0.0, max=1.0)
+    gapp_max_rounds: int = setting(10, "GAPP: propagation rounds at most", min=1)
+    gapp_radius_m: float = setting(0.3, "GAPP: r = max(radius_m, radius_beams * range * vertical resolution)",
+                                   unit="m", gt=0.0)
+    gapp_radius_beams: float = setting(3.0, "GAPP: beams in the range-dependent radius", min=0.0)
+    gapp_depth_abs_m: float = setting(0.5, "GAPP: depth gate = max(depth_abs_m, depth_rel * depth)",
+                                      unit="m", min=0.0)
+    gapp_depth_rel: float = setting(0.05, "GAPP: relative part of the depth gate", min=0.0, max=1.0)
+    protect_confident: bool = setting(True, "never overwrite a point's own confident pseudo-label")
+
+    def check(self) -> None:
+        if self.mask_provider in ("sam", "mobile_sam") and not self.sam_checkpoint:
+            raise ConfigError(f"refine.mask_provider {self.mask_provider} needs refine.sam_checkpoint "
+                              "(no SAM weights are bundled); use auto or superpixel without one")
+        if self.sam_checkpoint and self.mask_provider != "superpixel" and not Path(self.sam_checkpoint).expanduser().is_file():
+            raise ConfigError(f"refine.sam_checkpoint {self.sam_checkpoint} does not exist")
+
+
+@dataclass
+class ConnectivityConfig(Section):
     """Connectivity noise filter (METHODS.md section 2)."""
 
-    buffer_frames: int = 50
-    min_components: int = 20  # fewer in the buffer: median rule instead of the mixture
-    clean_posterior: float = 0.5
+    key = "connectivity"
 
-    def validate(self) -> None:
-        _check_positive("connectivity.buffer_frames", self.buffer_frames)
-        _check_positive("connectivity.min_components", self.min_components)
-        _check_range("connectivity.clean_posterior", self.clean_posterior, 0.0, 1.0)
-
-
-ADAPT_METHODS = ("source", "tent", "pl", "full")
-# "restore" is the stochastic restore (section 5.4); "guard" the collapse guard (section 5.5).
-ADAPT_COMPONENTS = ("mla", "gapp", "connectivity", "negative", "erda", "xm", "restore", "guard")
+    buffer_frames: int = setting(50, "frames of component losses in the sliding buffer", min=1)
+    min_components: int = setting(20, "below this many components: median rule instead of the mixture", min=1)
+    clean_posterior: float = setting(0.5, "a component is clean if its low-loss posterior >= this", min=0.0, max=1.0)
 
 
 @dataclass
-class AdaptConfig:
+class AdaptConfig(Section):
     """Online adaptation (METHODS.md sections 3-5) and the adaptation thread."""
 
-    method: str = "full"  # source | tent | pl | full
-    disable: list[str] = field(default_factory=list)  # components of full to switch off
-    trainable: str = "norm"  # norm (normalisation layers) | all
-    optimizer: str = "adam"  # adam | sgd
-    lr: float = 1e-3  # Adam on normalisation layers, as TENT and CoTTA use online
-    steps_per_frame: int = 1  # lockstep mode: adaptation steps per frame
-    buffer_frames: int = 4  # bounded drop-oldest buffer between inference and adaptation
-    swap_every_steps: int = 5  # hand the teacher to the backend every m steps
-    teacher_momentum: float = 0.999
-    reliable_confidence: float = 0.9
-    reliable_variance: float = 0.05
-    negative_max_prob: float = 0.2
-    negative_rounds: int = 1
-    weight_negative: float = 0.1
-    weight_erda: float = 0.1
-    erda_tau: float = 1.0
-    erda_lambda: float = 1.0
-    prototype_momentum: float = 0.999
-    weight_xm: float = 0.1
-    restore_prob: float = 0.01
-    collapse_window: int = 20  # frames
-    collapse_max_class_share: float = 0.95
-    collapse_max_disagreement: float = 0.6  # with the frozen source model
-    checkpoint_every_steps: int = 100
-    checkpoint_path: str = ""  # empty: no periodic checkpoint
-    resume: str = "source"  # source | adapted (from checkpoint_path when it exists)
+    key = "adapt"
 
-    def validate(self) -> None:
-        if self.method not in ADAPT_METHODS:
-            raise ConfigError(f"adapt.method must be one of {ADAPT_METHODS}, got {self.method!r}")
-        unknown = sorted(set(self.disable) - set(ADAPT_COMPONENTS))
-        if unknown:
-            raise ConfigError(f"adapt.disable has unknown component(s) {unknown}; known: {ADAPT_COMPONENTS}")
-        if self.trainable not in ("norm", "all"):
-            raise ConfigError(f"adapt.trainable must be norm or all, got {self.trainable!r}")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ConfigError(f"adapt.optimizer must be adam or sgd, got {self.optimizer!r}")
-        if self.resume not in ("source", "adapted"):
-            raise ConfigError(f"adapt.resume must be source or adapted, got {self.resume!r}")
-        for name in ("steps_per_frame", "buffer_frames", "swap_every_steps", "negative_rounds",
-                     "collapse_window", "checkpoint_every_steps"):
-            _check_positive(f"adapt.{name}", getattr(self, name))
-        for name in ("teacher_momentum", "reliable_confidence", "reliable_variance",
-                     "negative_max_prob", "prototype_momentum", "restore_prob",
-                     "collapse_max_class_share", "collapse_max_disagreement"):
-            _check_range(f"adapt.{name}", getattr(self, name), 0.0, 1.0)
-        if self.lr <= 0 or self.erda_tau <= 0:
-            raise ConfigError("adapt.lr and adapt.erda_tau must be positive")
+    method: str = setting("full", "adaptation method (source = no adaptation)",
+                          choices=lambda: registry.METHODS.names)
+    disable: list[str] = setting([], "components of full to switch off (the ablation)",
+                                 items=registry.COMPONENTS)
+    trainable: str = setting("norm", "student parameters that adapt (norm = normalisation layers)",
+                             choices=registry.TRAINABLE)
+    optimizer: str = setting("adam", "optimizer of the student", choices=registry.OPTIMIZERS)
+    lr: float = setting(1e-3, "learning rate of the student (Adam on norm layers: 1e-3 as TENT, CoTTA)",
+                        gt=0.0, max=10.0)
+    steps_per_frame: int = setting(1, "adaptation steps per frame (lockstep replay)", min=1, max=1000)
+    buffer_frames: int = setting(4, "bounded drop-oldest buffer between inference and adaptation", min=1)
+    swap_every_steps: int = setting(5, "hand the teacher to the inference backend every m steps", min=1)
+    teacher_momentum: float = setting(0.999, "EMA momentum of the teacher per step", min=0.0, max=1.0)
+    reliable_confidence: float = setting(0.9, "reliable point: teacher probability >= this ...", min=0.0, max=1.0)
+    reliable_variance: float = setting(0.05, "... and teacher/student variance <= this", min=0.0, max=1.0)
+    negative_max_prob: float = setting(0.2, "negative learning: class probability at most this", min=0.0, max=1.0)
+    negative_rounds: int = setting(1, "negative classes per point per frame", min=1)
+    weight_negative: float = setting(0.1, "weight of the negative learning loss", min=0.0, max=100.0)
+    weight_erda: float = setting(0.1, "weight of the ERDA soft loss", min=0.0, max=100.0)
+    erda_tau: float = setting(1.0, "ERDA temperature of the prototype softmax", gt=0.0, max=100.0)
+    erda_lambda: float = setting(1.0, "ERDA entropy weight (1 = cross-entropy with the soft label)",
+                                 min=0.0, max=100.0)
+    prototype_momentum: float = setting(0.999, "EMA momentum of the class prototypes", min=0.0, max=1.0)
+    weight_xm: float = setting(0.1, "weight of the cross-modal consistency loss", min=0.0, max=100.0)
+    restore_prob: float = setting(0.01, "stochastic restore: per-element probability per step", min=0.0, max=1.0)
+    collapse_window: int = setting(20, "collapse guard window", unit="frames", min=1)
+    collapse_max_class_share: float = setting(0.95, "collapse: share of the most frequent predicted class above this",
+                                              min=0.0, max=1.0)
+    collapse_max_disagreement: float = setting(0.6, "collapse: disagreement with the frozen source model above this",
+                                               min=0.0, max=1.0)
+    checkpoint_every_steps: int = setting(100, "periodic checkpoint of the adapted teacher every n steps", min=1)
+    checkpoint_path: str = setting("", "adapted checkpoint (periodic, at shutdown, ~/save_checkpoint); \"\" = none")
+    resume: str = setting("source", "start from the source, or from the adapted checkpoint_path when it exists",
+                          choices=("source", "adapted"))
 
     def enabled(self, component: str) -> bool:
         """Whether a component of ``full`` is on (always False for the other methods)."""
         return self.method == "full" and component not in self.disable
 
 
-RUNTIME_BACKENDS = ("onnxruntime", "torch", "tensorrt")
-RUNTIME_PRECISIONS = ("fp16", "fp32")
-#: QoS presets of the node's topics, turned into settings by ``runner.qos_settings``:
-#: sensor_data and best_effort are BEST_EFFORT, reliable is RELIABLE; all VOLATILE, KEEP_LAST.
-QOS_PRESETS = ("sensor_data", "best_effort", "reliable")
+@dataclass
+class RuntimeConfig(Section):
+    """Inference backend, and the CPU split between inference and adaptation."""
+
+    key = "runtime"
+
+    backend: str = setting("onnxruntime", "inference backend", choices=lambda: registry.BACKENDS.names)
+    precision: str = setting("fp16", "TensorRT engine precision (the other backends run fp32)",
+                             choices=registry.PRECISIONS)
+    model: str = setting("", "checkpoint (.safetensors); \"\" = the bundled model (launch argument model:=)")
+    device: str = setting("", "torch backend device: cpu | cuda | cuda:N; \"\" = cuda when available")
+    engine_cache_dir: str = setting("", "TensorRT engine cache; \"\" = the user's cache directory")
+    force_rebuild: bool = setting(False, "rebuild the TensorRT engine even when a cached one fits")
+    threads: int = setting(0, "inference CPU threads; 0 = all (less adapt_threads when adapt_nice is 0)",
+                           min=0, max=1024)
+    adapt_threads: int = setting(1, "torch intra-op threads of the adaptation thread", min=1, max=1024)
+    adapt_nice: int = setting(10, "nice increment of the adaptation threads (Linux, 0-19): inference first",
+                              min=0, max=19)
+
+    def check(self) -> None:
+        dev = self.device
+        if dev and not (dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise ConfigError(f"runtime.device must be cpu, cuda or cuda:N (or empty), got {dev!r}")
 
 
 @dataclass
-class RuntimeConfig:
-    """Inference backend, and how the CPU is split between inference and adaptation."""
+class TopicsConfig(Section):
+    """Input topics; relative names resolve in the node's namespace (remap them in launch)."""
 
-    backend: str = "onnxruntime"  # onnxruntime | torch | tensorrt
-    precision: str = "fp16"  # TensorRT engine precision: fp16 | fp32 (the other backends run fp32)
-    model: str = ""  # checkpoint (.safetensors); "" = the bundled default model
-    device: str = ""  # torch backend device (cpu, cuda, cuda:1); "" = cuda when available
-    engine_cache_dir: str = ""  # TensorRT engine cache; "" = the user's cache directory
-    force_rebuild: bool = False  # rebuild the TensorRT engine even when a cached one fits
-    threads: int = 0  # inference CPU threads; 0 = all (less adapt_threads if adapting unniced)
-    adapt_threads: int = 1  # torch intra-op threads of the adaptation thread
-    adapt_nice: int = 10  # nice increment of the adaptation threads (Linux), 0 = same priority
+    key = "topics"
 
-    def validate(self) -> None:
-        if self.backend not in RUNTIME_BACKENDS:
-            raise ConfigError(f"runtime.backend must be one of {RUNTIME_BACKENDS}, got {self.backend!r}")
-        if self.precision not in RUNTIME_PRECISIONS:
-            raise ConfigError(f"runtime.precision must be one of {RUNTIME_PRECISIONS}, "
-                              f"got {self.precision!r}")
-        if self.threads < 0:
-            raise ConfigError(f"runtime.threads must be >= 0 (0 = automatic), got {self.threads}")
-        _check_positive("runtime.adapt_threads", self.adapt_threads)
-        if not 0 <= self.adapt_nice <= 19:
-            raise ConfigError(f"runtime.adapt_nice must be in [0, 19], got {self.adapt_nice}")
+    image: str = setting("~/input/image", "sensor_msgs/Image (rgb8, bgr8, rgba8, bgra8, mono8, mono16)")
+    camera_info: str = setting("~/input/camera_info", "sensor_msgs/CameraInfo of that image")
+    pointcloud: str = setting("~/input/pointcloud", "sensor_msgs/PointCloud2 with x, y, z and an intensity field")
 
-
-@dataclass
-class TopicsConfig:
-    """Input topics. Relative names resolve in the node's namespace; remap them in launch."""
-
-    image: str = "~/input/image"
-    camera_info: str = "~/input/camera_info"
-    pointcloud: str = "~/input/pointcloud"
-
-    def validate(self) -> None:
+    def check(self) -> None:
         for name in ("image", "camera_info", "pointcloud"):
             if not getattr(self, name).strip():
                 raise ConfigError(f"topics.{name} must not be empty")
 
 
 @dataclass
-class FramesConfig:
-    """Where the LiDAR -> camera extrinsics come from: tf2 (default) or a fixed matrix."""
+class FramesConfig(Section):
+    """LiDAR -> camera extrinsics: tf2 (default) or a fixed matrix."""
 
-    static_extrinsics: list[float] = field(default_factory=list)  # 16 floats, row-major T_cam_lidar; [] = tf2
-    camera_frame: str = ""  # "" = the CameraInfo's header.frame_id
-    lidar_frame: str = ""  # "" = the cloud's header.frame_id
-    tf_retry_s: float = 1.0  # period of the tf2 lookup until the transform is found
+    key = "frames"
 
-    def validate(self) -> None:
-        values = self.static_extrinsics
-        if values:
-            if len(values) != 16 or any(isinstance(v, bool) or not isinstance(v, (int, float))
-                                        for v in values):
-                raise ConfigError("frames.static_extrinsics must be 16 numbers (row-major 4x4 "
-                                  f"T_cam_lidar) or empty for tf2, got {values!r}")
+    static_extrinsics: list[float] = setting([], "16 numbers, row-major 4x4 T_cam_lidar (LiDAR -> camera optical); "
+                                             "[] = tf2", lengths=(0, 16))
+    camera_frame: str = setting("", "camera optical frame for tf2; \"\" = the CameraInfo's header.frame_id")
+    lidar_frame: str = setting("", "LiDAR frame for tf2; \"\" = the cloud's header.frame_id")
+    tf_retry_s: float = setting(1.0, "period of the tf2 lookup until the transform is found", unit="s",
+                                gt=0.0, max=3600.0)
+
+    def check(self) -> None:
+        if self.static_extrinsics:
             from pl3d_ros.frame import FrameError, check_rigid
 
             try:
-                check_rigid([float(v) for v in values], "frames.static_extrinsics")
+                check_rigid(self.static_extrinsics, "frames.static_extrinsics")
             except FrameError as exc:
                 raise ConfigError(str(exc)) from exc
-            self.static_extrinsics = [float(v) for v in values]
-        _check_positive("frames.tf_retry_s", self.tf_retry_s)
 
 
 @dataclass
-class QosConfig:
-    """QoS of the node's topics (names as Isaac ROS's input_qos / output_qos)."""
+class QosConfig(Section):
+    """QoS presets: sensor_data | best_effort (BEST_EFFORT) or reliable (RELIABLE); VOLATILE, KEEP_LAST."""
 
-    input: str = "sensor_data"  # sensor_data | best_effort | reliable
-    input_depth: int = 5
-    output: str = "reliable"  # reliable | best_effort | sensor_data (RViz defaults to reliable)
-    output_depth: int = 1
+    key = "qos"
 
-    def validate(self) -> None:
-        for name in ("input", "output"):
-            if getattr(self, name) not in QOS_PRESETS:
-                raise ConfigError(f"qos.{name} must be one of {QOS_PRESETS}, got {getattr(self, name)!r}")
-        _check_positive("qos.input_depth", self.input_depth)
-        _check_positive("qos.output_depth", self.output_depth)
+    input: str = setting("sensor_data", "QoS of the three inputs (sensor_data matches both kinds of publisher)",
+                         choices=registry.QOS_PRESETS)
+    input_depth: int = setting(5, "history depth of each input", min=1, max=10000)
+    output: str = setting("reliable", "QoS of the output clouds (rviz/pl3d.rviz subscribes reliable)",
+                          choices=registry.QOS_PRESETS)
+    output_depth: int = setting(1, "history depth of each output", min=1, max=10000)
 
 
 @dataclass
-class NodeConfig:
-    """The ROS node: processing budget, diagnostics, debug topics, shutdown."""
+class NodeConfig(Section):
+    """Processing budget, diagnostics, debug topics, shutdown."""
 
-    max_allowed_processing_time_ms: float = 100.0  # WARN above this per frame
-    max_acceptable_consecutive_delay_ms: float = 1000.0  # ERROR when over budget this long
-    diagnostics_period_s: float = 1.0
-    stats_window: int = 100  # frames behind the mean / p90 processing time
-    debug_topics: bool = True  # publish ~/debug/processing_time/*, pipeline latency, cyclic time
-    intensity_field: str = ""  # cloud field read as intensity; "" = intensity, i or reflectivity
-    stop_timeout_s: float = 5.0  # bound on joining the inference and adaptation threads
+    key = "node"
 
-    def validate(self) -> None:
-        for name in ("max_allowed_processing_time_ms", "max_acceptable_consecutive_delay_ms",
-                     "diagnostics_period_s", "stats_window", "stop_timeout_s"):
-            _check_positive(f"node.{name}", getattr(self, name))
-
-
-def _check_positive(key: str, value: float) -> None:
-    if value <= 0:
-        raise ConfigError(f"{key} must be positive, got {value}")
-
-
-def _check_range(key: str, value: float, lo: float, hi: float) -> None:
-    if not lo <= value <= hi:
-        raise ConfigError(f"{key} must be in [{lo}, {hi}], got {value}")
+    max_allowed_processing_time_ms: float = setting(100.0, "diagnostics WARN when a frame takes longer",
+                                                    unit="ms", gt=0.0)
+    max_acceptable_consecutive_delay_ms: float = setting(1000.0, "diagnostics ERROR when over budget this long",
+                                                         unit="ms", gt=0.0)
+    diagnostics_period_s: float = setting(1.0, "period of /diagnostics", unit="s", gt=0.0, max=3600.0)
+    stats_window: int = setting(100, "frames behind the mean and p90 processing time", min=1, max=100000)
+    debug_topics: bool = setting(True, "publish ~/debug/processing_time/*_ms, pipeline_latency_ms, cyclic_time_ms")
+    intensity_field: str = setting("", "cloud field read as intensity; \"\" = intensity, i or reflectivity")
+    stop_timeout_s: float = setting(5.0, "bound on stopping the inference and adaptation threads at shutdown",
+                                    unit="s", gt=0.0, max=3600.0)
 
 
 @dataclass
-class Config:
-    """The root of the settings tree."""
+class Config(Root):
+    """The settings the node and the offline tools run with; leaves = the node's ROS parameters."""
 
-    class_set: str = "xmuda10"
-    sensor: RangeImageConfig = field(default_factory=RangeImageConfig)
-    sync: SyncConfig = field(default_factory=SyncConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    pseudo_labels: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
-    refine: RefineConfig = field(default_factory=RefineConfig)
-    connectivity: ConnectivityConfig = field(default_factory=ConnectivityConfig)
-    adapt: AdaptConfig = field(default_factory=AdaptConfig)
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    topics: TopicsConfig = field(default_factory=TopicsConfig)
-    frames: FramesConfig = field(default_factory=FramesConfig)
-    qos: QosConfig = field(default_factory=QosConfig)
-    node: NodeConfig = field(default_factory=NodeConfig)
+    class_set: str = setting("", "class set the checkpoint must have (xmuda10, semantickitti19 or a class-set "
+                             "YAML path); \"\" = the checkpoint's", choices=("", "xmuda10", "semantickitti19"),
+                             open_choices=True)
+    sync: SyncConfig = section()
+    pseudo_labels: PseudoLabelConfig = section()
+    refine: RefineConfig = section()
+    connectivity: ConnectivityConfig = section()
+    adapt: AdaptConfig = section()
+    runtime: RuntimeConfig = section()
+    topics: TopicsConfig = section()
+    frames: FramesConfig = section()
+    qos: QosConfig = section()
+    node: NodeConfig = section()
 
-    def validate(self) -> Config:
-        from pl3d_ros.labels import available_class_sets
-
-        if self.class_set not in available_class_sets():
-            raise ConfigError(
-                f"class_set {self.class_set!r} unknown; available: {available_class_sets()}"
-            )
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if dataclasses.is_dataclass(value):
-                value.validate()
-        self.model.check_sensor(self.sensor)
-        return self
-
-    # -- YAML and ROS parameter mapping -------------------------------------------------------
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Config:
-        """Build from a nested dict; unknown keys and wrong types raise ConfigError."""
-        return _build(cls, data, "").validate()
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> Config:
-        """Load a YAML file: nested settings, or a ROS 2 params file (``node: ros__parameters:``)."""
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read config {path}: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"config {path} must hold a mapping, got {type(data).__name__}")
-        if len(data) == 1:
-            (inner,) = data.values()
-            if isinstance(inner, dict) and "ros__parameters" in inner:
-                data = inner["ros__parameters"] or {}
-        return cls.from_dict(data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def flat(self) -> dict[str, Any]:
-        """Dotted-name -> value: the ROS parameter names and their values."""
-        out: dict[str, Any] = {}
-
-        def walk(prefix: str, obj: Any) -> None:
-            for f in dataclasses.fields(obj):
-                value = getattr(obj, f.name)
-                if dataclasses.is_dataclass(value):
-                    walk(f"{prefix}{f.name}.", value)
-                else:
-                    out[prefix + f.name] = value
-
-        walk("", self)
-        return out
-
-    @classmethod
-    def from_flat(cls, flat: dict[str, Any]) -> Config:
-        """Inverse of ``flat``: dotted names (e.g. from ROS parameters) -> Config."""
-        nested: dict[str, Any] = {}
-        for key, value in flat.items():
-            node = nested
-            *parents, leaf = key.split(".")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = value
-        return cls.from_dict(nested)
+    def check(self) -> None:
+        if self.class_set:
+            _check_class_set(self.class_set, "class_set")
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"unknown setting(s) {[prefix + u for u in unknown]}; known: {[prefix + n for n in fields]}"
-        )
-    kwargs: dict[str, Any] = {}
-    defaults = cls()
-    for name, value in data.items():
-        default = getattr(defaults, name)
-        key = prefix + name
-        if dataclasses.is_dataclass(default):
-            kwargs[name] = _build(type(default), value, key + ".")
-        else:
-            kwargs[name] = _coerce(value, default, key)
-    return cls(**kwargs)
+def _check_class_set(name: str, key: str) -> None:
+    from pl3d_ros.labels import available_class_sets
 
-
-def _coerce(value: Any, default: Any, key: str) -> Any:
-    """Check ``value`` against the type of the default; ints are accepted for float settings."""
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
-        return value
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if isinstance(default, str):
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
-        return value
-    if isinstance(default, list):
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        return value
-    return value
+    if name not in available_class_sets() and not Path(name).expanduser().is_file():
+        raise ConfigError(f"{key} {name!r} unknown; available: {available_class_sets()} or a class-set YAML path")

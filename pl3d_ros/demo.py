@@ -54,6 +54,7 @@ def run_demo(out: str | Path, *, preset: str = DEMO_PRESET, frames: int = DEMO_F
     """Run the demo; returns {method: metrics} and writes OUT/<method>/ reports + OUT/summary.json."""
     from tqdm import tqdm
 
+    from pl3d_ros.config import Config
     from pl3d_ros.eval.plots import plot_series
     from pl3d_ros.eval.replay import ReplayOptions, replay
     from pl3d_ros.weights import default_model_path
@@ -71,8 +72,8 @@ def run_demo(out: str | Path, *, preset: str = DEMO_PRESET, frames: int = DEMO_F
             bar.update(done - bar.n)
             bar.set_postfix(miou=f"{info['miou']:.1f}")
 
-        results[method] = replay(bag, ckpt, out / method, ReplayOptions(method=method, seed=seed, threads=threads),
-                                 progress)
+        cfg = Config().replace(**{"adapt.method": method, "runtime.threads": threads})
+        results[method] = replay(bag, ckpt, out / method, ReplayOptions(seed=seed, config=cfg), progress)
         bar.close()
     plot_series({m: r["miou_running"] for m, r in results.items()}, out / "miou_over_frames.png",
                 ylabel="running fused mIoU, in view (%)", title=f"demo: sim '{preset}' preset, {frames} frames")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +22,12 @@ DISTORTION_COEFFS = {"none": 0, "plumb_bob": 5, "rational_polynomial": 8}
 
 #: Rotation matrices may deviate from orthonormal by this much (KITTI's Tr deviates by ~1e-7).
 RIGID_TOLERANCE = 1e-4
+
+#: Points farther than this from the LiDAR (metres) are dropped (and counted). The longest-range
+#: automotive LiDARs are specified to 300-500 m; anything beyond 1 km is a driver sentinel or a
+#: corrupt value, not a measurement. Left in, such a point (e.g. a finite float32 3e38 m)
+#: overflows range**2 to inf in the range image and makes the model's confidences NaN.
+MAX_POINT_RANGE_M = 1000.0
 
 
 class FrameError(ValueError):
@@ -156,14 +163,20 @@ class Frame:
 
     Attributes:
         stamp_ns: the LiDAR cloud's header stamp in nanoseconds.
-        points: (N, 4) float32 x, y, z (metres, LiDAR frame) and intensity. Rows with NaN or inf
-            are dropped on construction; ``dropped_points`` counts them.
+        points: (N, 4) float32 x, y, z (metres, LiDAR frame) and intensity. On construction,
+            points with a NaN or inf coordinate, and points farther than
+            :data:`MAX_POINT_RANGE_M` from the sensor, are dropped (with their labels); a NaN or
+            inf intensity of a point whose x, y, z are fine is set to 0 and the point kept.
         image: (H, W, 3) uint8 RGB; H, W must equal the camera model's height, width.
         camera: the CameraModel of ``image``.
         labels: optional (N,) uint32 ground truth in the dataset's raw ids (for SemanticKITTI
             the lower 16 bits are the semantic id); map with ``labels.ClassSet.to_train_ids``.
         seq: running index of the frame in its stream.
         lidar_frame_id: the cloud's frame name, informational.
+        dropped_points: points dropped on construction, all reasons (plus any the caller
+            counted before); ``dropped_far`` of them for their range.
+        dropped_far: points dropped for lying beyond :data:`MAX_POINT_RANGE_M`.
+        zeroed_intensity: kept points whose non-finite intensity was set to 0.
     """
 
     stamp_ns: int
@@ -174,6 +187,8 @@ class Frame:
     seq: int = 0
     lidar_frame_id: str = ""
     dropped_points: int = 0
+    dropped_far: int = 0
+    zeroed_intensity: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.camera, CameraModel):
@@ -188,8 +203,19 @@ class Frame:
         if not np.issubdtype(pts.dtype, np.floating):
             raise FrameError(f"points must be floating point, got dtype {pts.dtype}")
         pts = np.ascontiguousarray(pts, dtype=np.float32)
-        finite = np.isfinite(pts).all(axis=1)
-        n_bad = int(pts.shape[0] - np.count_nonzero(finite))
+        xyz_ok = np.isfinite(pts[:, :3]).all(axis=1)
+        # float64: squares of float32 coordinates near 3e38 would overflow to inf (still > the
+        # bound, but say what is meant). NaN rows compare False and are not counted as far.
+        r2 = np.einsum("ij,ij->i", pts[:, :3].astype(np.float64), pts[:, :3].astype(np.float64))
+        far = xyz_ok & ~(r2 <= MAX_POINT_RANGE_M ** 2)
+        keep = xyz_ok & ~far
+        n_far = int(np.count_nonzero(far))
+        n_bad = int(pts.shape[0] - np.count_nonzero(keep))
+        bad_intensity = keep & ~np.isfinite(pts[:, 3])
+        n_zeroed = int(np.count_nonzero(bad_intensity))
+        if n_zeroed:
+            pts = pts.copy()  # never write into the caller's array (rare path: copy always)
+            pts[bad_intensity, 3] = 0.0
         labels = self.labels
         if labels is not None:
             labels = np.asarray(labels)
@@ -201,16 +227,22 @@ class Frame:
                 raise FrameError(f"labels must be integer ids, got dtype {labels.dtype}")
             labels = labels.astype(np.uint32, copy=False)
         if n_bad:
-            pts = pts[finite]
-            labels = labels[finite] if labels is not None else None
-            log.debug("frame %d: dropped %d non-finite points", self.seq, n_bad)
+            pts = pts[keep]
+            labels = labels[keep] if labels is not None else None
+            log.debug("frame %d: dropped %d points (%d non-finite, %d beyond %g m)", self.seq,
+                      n_bad, n_bad - n_far, n_far, MAX_POINT_RANGE_M)
+        if n_zeroed:
+            log.debug("frame %d: %d non-finite intensities set to 0", self.seq, n_zeroed)
         if pts.shape[0] == 0:
             raise FrameError(
-                f"frame {self.seq} has no finite points ({n_bad} non-finite dropped): empty cloud"
+                f"frame {self.seq} has no usable points ({n_bad - n_far} with a non-finite "
+                f"coordinate and {n_far} beyond {MAX_POINT_RANGE_M:g} m dropped): empty cloud"
             )
         self.points = pts
         self.labels = labels
         self.dropped_points = int(self.dropped_points) + n_bad
+        self.dropped_far = int(self.dropped_far) + n_far
+        self.zeroed_intensity = int(self.zeroed_intensity) + n_zeroed
 
         img = np.asarray(self.image)
         if img.ndim != 3 or img.shape[2] != 3:
@@ -229,10 +261,6 @@ class Frame:
     def num_points(self) -> int:
         return int(self.points.shape[0])
 
-    @property
-    def stamp_s(self) -> float:
-        return self.stamp_ns * 1e-9
-
 
 @dataclass(eq=False)
 class Prediction:
@@ -246,6 +274,8 @@ class Prediction:
         probs_3d: (N, C) float32 range-branch probabilities of all points.
         timings_ms: per-stage wall time in milliseconds (preprocess, 2d, 3d, fusion, ...).
         stamp_ns: the frame's stamp.
+        inputs: the ``inputs.NetworkInputs`` the prediction was computed from (the adapter trains
+            on them instead of preparing the frame again); None where the producer kept none.
     """
 
     labels: np.ndarray
@@ -255,6 +285,7 @@ class Prediction:
     probs_3d: np.ndarray
     timings_ms: dict[str, float] = field(default_factory=dict)
     stamp_ns: int = 0
+    inputs: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = np.asarray(self.labels).shape[0] if np.ndim(self.labels) == 1 else -1

@@ -331,26 +331,17 @@ class Projection:
     depth: np.ndarray
     in_view: np.ndarray
 
-    @property
-    def num_in_view(self) -> int:
-        return int(np.count_nonzero(self.in_view))
-
-    @property
-    def indices(self) -> np.ndarray:
-        """(M,) int64 indices of the in-view points, M = in_view.sum()."""
-        return np.flatnonzero(self.in_view)
-
-    @property
-    def pixel_indices(self) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, cols): two (M,) int64 arrays, the pixel each in-view point falls in.
+    def pixels(self, width: int, height: int) -> np.ndarray:
+        """(N, 2) int64 (u, v) pixel of every point in a width x height image, an index that is
+        always in bounds and meaningful where ``in_view``.
 
         Rounded half-up (floor(x + 0.5)), which maps the in-view interval [-0.5, size - 0.5)
-        exactly onto 0 .. size - 1, so ``image[rows, cols]`` is always in bounds.
+        exactly onto 0 .. size - 1; out-of-view points are clipped, non-finite uv read as 0.
         """
-        uv = self.uv[self.in_view]
-        cols = np.floor(uv[:, 0] + 0.5).astype(np.int64)
-        rows = np.floor(uv[:, 1] + 0.5).astype(np.int64)
-        return rows, cols
+        pix = np.floor(np.nan_to_num(self.uv, nan=0.0, posinf=0.0, neginf=0.0) + 0.5).astype(np.int64)
+        pix[:, 0] = np.clip(pix[:, 0], 0, width - 1)
+        pix[:, 1] = np.clip(pix[:, 1], 0, height - 1)
+        return pix
 
 
 def _as_points(points: np.ndarray, name: str = "points") -> np.ndarray:
@@ -453,11 +444,6 @@ class RangeProjection:
     def occupied(self) -> np.ndarray:
         """(rows, cols) bool, cells that some point won."""
         return self.cell_to_point >= 0
-
-    @property
-    def winners(self) -> np.ndarray:
-        """(K,) int32 indices of the points that won a cell, in row-major cell order."""
-        return self.cell_to_point[self.cell_to_point >= 0]
 
     def image(self, values: np.ndarray, fill: float = 0.0) -> np.ndarray:
         """Scatter per-point values of the winning points into the grid.

@@ -6,14 +6,19 @@
 
 Thin glue, and the only module that imports rclpy, message_filters, tf2_ros, diagnostic_updater,
 std_srvs or the ROS message packages. Everything that decides something lives in ROS-free code
-the tests run: ``runner.py`` (inference thread, latest-frame slot, health, CPU budget, parameter
-specs, QoS presets, extrinsics cache, messages -> Frame, Prediction -> output arrays, building the
-segmenter and adapter) and ``io/ros_msgs.py`` (every message layout).
+the tests run: ``app.py`` (segmenter, adapter, weight deployer), ``runner.py`` (inference
+thread, latest-frame slot), ``health.py`` (diagnostics), ``cpu_budget.py`` (threads and
+priorities), ``ros_params.py`` (parameters from the settings' declarations, QoS presets),
+``io/extrinsics.py`` (tf2 cache), ``io/frames.py`` (messages -> Frame, Prediction -> output
+clouds) and ``io/ros_msgs.py`` (every message layout).
 
 Threads: a SingleThreadedExecutor runs the subscriptions (the synchronizer callback only converts
 a synced set into a Frame and puts it in the runner's depth-1 slot), the tf2 retry timer, the
 services and the diagnostics timer; the runner's inference thread publishes the outputs and the
-debug topics (publishing from a non-executor thread is allowed); the adapter has its own thread.
+debug topics (publishing from a non-executor thread is allowed); the adapter has its own thread;
+service work (reset, save) runs on the runner's service thread and the services answer at once.
+Every callback is wrapped by a CallbackGuard: an exception is logged (throttled) and counted in
+the diagnostics, and never ends ``spin()``. The library's Python logging goes to the ROS logger.
 
 Topics (relative to the node, remappable):
     in   ~/input/image, ~/input/camera_info, ~/input/pointcloud   (QoS: qos.input)
@@ -22,15 +27,16 @@ Topics (relative to the node, remappable):
          ~/debug/processing_time/{preprocess,inference,postprocess,output,total}_ms,
          ~/debug/pipeline_latency_ms, ~/debug/cyclic_time_ms   (std_msgs/Float64)
     /diagnostics: "processing_time" and "adaptation"
-Services: ~/reset_adaptation, ~/save_checkpoint (std_srvs/Trigger).
+Services: ~/reset_adaptation, ~/save_checkpoint (std_srvs/Trigger; accepted at once, done in the
+background, outcome logged).
 """
 
 from __future__ import annotations
 
 import array
+import logging
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import message_filters
@@ -52,13 +58,17 @@ from std_msgs.msg import Float64, Header
 from std_srvs.srv import Trigger
 from tf2_msgs.msg import TFMessage
 
+from pl3d_ros.app import build
 from pl3d_ros.config import Config, ConfigError
 from pl3d_ros.frame import FrameError
+from pl3d_ros.guard import CallbackGuard
+from pl3d_ros.health import FrameTiming
+from pl3d_ros.io.extrinsics import Extrinsics
+from pl3d_ros.io.frames import frame_from_messages, output_arrays
 from pl3d_ros.io.ros_msgs import MessageError, MessageFactory, make_cloud, make_header
-from pl3d_ros.runner import (Extrinsics, FrameTiming, Runner, RunnerSettings, ThreadBudget,
-                             build_adapter, build_segmenter, config_from_parameters,
-                             frame_from_messages, output_arrays, parameter_specs, qos_settings,
-                             read_yaml_comments)
+from pl3d_ros.ros_logging import bridge_logging
+from pl3d_ros.ros_params import config_from_parameters, parameter_specs, qos_settings
+from pl3d_ros.runner import Runner, RunnerSettings
 
 NODE_NAME = "pl3d_node"
 DEBUG_STAGES = ("preprocess", "inference", "postprocess", "output", "total")
@@ -90,7 +100,7 @@ def rclpy_factory() -> RclpyMessageFactory:
 
 
 def make_qos(preset: str, depth: int) -> QoSProfile:
-    """rclpy QoSProfile of a ``qos.*`` preset (mapping in runner.qos_settings)."""
+    """rclpy QoSProfile of a ``qos.*`` preset (mapping in ros_params.qos_settings)."""
     s = qos_settings(preset, depth)
     return QoSProfile(
         depth=s["depth"], history=HistoryPolicy.KEEP_LAST,
@@ -98,26 +108,6 @@ def make_qos(preset: str, depth: int) -> QoSProfile:
                      else ReliabilityPolicy.BEST_EFFORT),
         durability=DurabilityPolicy.VOLATILE,
     )
-
-
-def _parameter_descriptions() -> dict[str, str]:
-    """Comments of the installed config/pl3d.yaml (source tree as a fallback): one text for the
-    file and for ``ros2 param describe``."""
-    candidates = []
-    try:
-        from ament_index_python.packages import get_package_share_directory
-
-        candidates.append(Path(get_package_share_directory("pl3d_ros")) / "config" / "pl3d.yaml")
-    except Exception:  # not installed with colcon: the source tree's copy
-        pass
-    candidates.append(Path(__file__).resolve().parents[1] / "config" / "pl3d.yaml")
-    for path in candidates:
-        if path.is_file():
-            try:
-                return read_yaml_comments(path)
-            except OSError:
-                continue
-    return {}
 
 
 class Pl3dNode(Node):
@@ -129,18 +119,22 @@ class Pl3dNode(Node):
         cfg = self.cfg
         log = self.get_logger()
 
-        adapting = cfg.adapt.method != "source"
-        budget = ThreadBudget.from_config(cfg, adapting)
-        self.segmenter, model = build_segmenter(cfg, threads=budget.inference_threads)
-        self.class_set = self.segmenter.header.class_set
-        adapter = None
-        if adapting:
-            try:
-                adapter = build_adapter(cfg, self.segmenter, model)
-            except Exception as exc:  # labels first: run without adaptation rather than not at all
-                log.error(f"adaptation ({cfg.adapt.method}) unavailable, running the source model: "
-                          f"{type(exc).__name__}: {exc}")
+        try:
+            self.app = build(cfg)
+        except ConfigError:
+            raise
+        except Exception as exc:  # labels first: run without adaptation rather than not at all
+            log.error(f"adaptation ({cfg.adapt.method}) unavailable, running the source model: "
+                      f"{type(exc).__name__}: {exc}")
+            self.app = build(cfg, adapt=False)
+        app = self.app
+        self.segmenter = app.segmenter
+        self.class_set = app.header.class_set
+        adapter = app.adapter
+        budget = app.budget
         self.factory = rclpy_factory()
+        self.guard = CallbackGuard(logger=logging.getLogger("pl3d_ros.node"))
+        guard = self.guard.wrap
         self.extrinsics = Extrinsics.from_config(cfg)
         self._seq = 0
         self._waiting_tf = 0
@@ -158,16 +152,16 @@ class Pl3dNode(Node):
             self.pub_debug["cyclic"] = self.create_publisher(Float64, "~/debug/cyclic_time_ms", 1)
 
         self.runner = Runner(
-            self.segmenter, self._publish, adapter,
+            self.segmenter, self._publish, adapter, deployer=app.deployer,
             settings=RunnerSettings.from_config(cfg, adapting=adapter is not None),
             on_timing=self._publish_timing if self.pub_debug else None,
-            stamp_clock=lambda: self.get_clock().now().nanoseconds,  # follows /clock with sim time
+            stamp_clock=lambda: self.get_clock().now().nanoseconds,  # sim time: 0 until the first /clock
         )
 
         if self.extrinsics.static is None:
             self.tf_buffer = tf2_ros.Buffer()
             self.tf_listener = tf2_ros.TransformListener(self.tf_buffer, self)
-            self.tf_timer = self.create_timer(cfg.frames.tf_retry_s, self._lookup_transforms)
+            self.tf_timer = self.create_timer(cfg.frames.tf_retry_s, guard("tf_lookup", self._lookup_transforms))
 
         in_qos = make_qos(cfg.qos.input, cfg.qos.input_depth)  # explicit: the default is RELIABLE
         self.subs = [
@@ -177,10 +171,12 @@ class Pl3dNode(Node):
         ]
         self.sync = message_filters.ApproximateTimeSynchronizer(
             self.subs, cfg.sync.queue_size, cfg.sync.slop_s)
-        self.sync.registerCallback(self._on_synced)
+        self.sync.registerCallback(guard("synced_input", self._on_synced))
 
-        self.create_service(Trigger, "~/reset_adaptation", self._srv_reset)
-        self.create_service(Trigger, "~/save_checkpoint", self._srv_save)
+        self.create_service(Trigger, "~/reset_adaptation",
+                            guard("reset_adaptation", self._srv_reset, fallback=_failed_response))
+        self.create_service(Trigger, "~/save_checkpoint",
+                            guard("save_checkpoint", self._srv_save, fallback=_failed_response))
         self._setup_diagnostics()
         log.info(f"backend {cfg.runtime.backend}, classes {self.class_set.name}, adaptation "
                  f"{'on (' + cfg.adapt.method + ')' if adapter else 'off'}, threads {budget}; "
@@ -190,10 +186,11 @@ class Pl3dNode(Node):
 
     def _declare_and_read_parameters(self) -> Config:
         """Declare every Config leaf (read-only: settings are read once), read back, validate."""
-        specs = parameter_specs(descriptions=_parameter_descriptions())
+        specs = parameter_specs()
         declarations = []
         for spec in specs:
-            descriptor = ParameterDescriptor(description=spec.description, read_only=True)
+            descriptor = ParameterDescriptor(description=spec.description,
+                                             additional_constraints=spec.constraints, read_only=True)
             # An empty-list default would be inferred as BYTE_ARRAY: declare those by type.
             second = Parameter.Type[spec.type_name] if spec.declare_by_type else spec.ros_default
             declarations.append((spec.name, second, descriptor))
@@ -209,7 +206,7 @@ class Pl3dNode(Node):
         T = self.extrinsics.get(camera, lidar)
         if T is None:
             self._waiting_tf += 1
-            self.get_logger().warn(f"waiting for the transform {lidar} -> {camera} (tf2, or set "
+            self.get_logger().warning(f"waiting for the transform {lidar} -> {camera} (tf2, or set "
                                    "frames.static_extrinsics); frame skipped",
                                    throttle_duration_sec=5.0)
             return
@@ -219,7 +216,7 @@ class Pl3dNode(Node):
                                         camera_frame=camera)
         except (FrameError, MessageError) as exc:
             self._rejected += 1
-            self.get_logger().warn(f"synced set rejected: {exc}", throttle_duration_sec=5.0)
+            self.get_logger().warning(f"synced set rejected: {exc}", throttle_duration_sec=5.0)
             return
         self._seq += 1
         self.runner.submit(frame)
@@ -230,7 +227,7 @@ class Pl3dNode(Node):
             try:
                 ts = self.tf_buffer.lookup_transform(camera, lidar, rclpy.time.Time())
             except tf2_ros.TransformException as exc:
-                self.get_logger().warn(f"transform {lidar} -> {camera} not available yet: {exc}",
+                self.get_logger().warning(f"transform {lidar} -> {camera} not available yet: {exc}",
                                        throttle_duration_sec=5.0)
                 continue
             try:
@@ -267,22 +264,28 @@ class Pl3dNode(Node):
             self.pub_debug["cyclic"].publish(Float64(data=float(timing.cyclic_ms)))
 
     # -- services --------------------------------------------------------------------------------------
-    # They run on the executor thread and wait for an adaptation step in progress to finish.
+    # A reset or save waits for the adaptation step in progress (seconds on a CPU): they run on the
+    # runner's service thread, and the service answers at once, so the single executor thread
+    # keeps taking frames, retrying tf and publishing diagnostics meanwhile.
 
     def _srv_reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
-        try:
-            self.runner.reset_adaptation()
-            response.success, response.message = True, "adaptation reset to the source model"
-        except Exception as exc:
-            response.success, response.message = False, f"{type(exc).__name__}: {exc}"
+        if self.runner.adapter is None:
+            response.success, response.message = False, "adaptation is off (adapt.method is source)"
+            return response
+        self.runner.in_background("reset_adaptation", self.runner.reset_adaptation)
+        response.success = True
+        response.message = "reset to the source model requested (applied after the adaptation step in progress)"
         return response
 
     def _srv_save(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
-        try:
-            path = self.runner.save_adaptation(self.cfg.adapt.checkpoint_path or None)
-            response.success, response.message = True, f"saved {path}"
-        except Exception as exc:
-            response.success, response.message = False, f"{type(exc).__name__}: {exc}"
+        path = self.cfg.adapt.checkpoint_path
+        if self.runner.adapter is None or not path:
+            response.success = False
+            response.message = ("adaptation is off (adapt.method is source)" if self.runner.adapter is None
+                                else "adapt.checkpoint_path is empty: no place to save to")
+            return response
+        self.runner.in_background("save_checkpoint", self.runner.save_adaptation, path)
+        response.success, response.message = True, f"saving the adapted model to {path} (logged when written)"
         return response
 
     # -- diagnostics -----------------------------------------------------------------------------------
@@ -290,15 +293,11 @@ class Pl3dNode(Node):
     def _setup_diagnostics(self) -> None:
         from diagnostic_updater import Updater
 
-        period = self.cfg.node.diagnostics_period_s
-        try:
-            self.updater = Updater(self, period=period)
-        except TypeError:  # older diagnostic_updater: no period argument, no own timer
-            self.updater = Updater(self)
-            self.create_timer(period, self.updater.update)
+        self.updater = Updater(self, period=self.cfg.node.diagnostics_period_s)  # every release takes period
         self.updater.setHardwareID("pl3d_ros")
-        self.updater.add("processing_time", self._diag_processing)
-        self.updater.add("adaptation", self._diag_adaptation)
+        guard = self.guard.wrap
+        self.updater.add("processing_time", guard("diagnostics", self._diag_processing, fallback=lambda stat: stat))
+        self.updater.add("adaptation", guard("diagnostics", self._diag_adaptation, fallback=lambda stat: stat))
 
     def _diag_processing(self, stat: Any) -> Any:
         health = self.runner.health()
@@ -308,6 +307,7 @@ class Pl3dNode(Node):
             stat.add(key, value)
         stat.add("frames_waiting_for_tf", str(self._waiting_tf))
         stat.add("synced_sets_rejected", str(self._rejected))
+        stat.add("callback_errors", str(self.guard.total))
         return stat
 
     def _diag_adaptation(self, stat: Any) -> Any:
@@ -327,12 +327,19 @@ class Pl3dNode(Node):
         """Stop the threads within node.stop_timeout_s; the adapter writes its final checkpoint
         to adapt.checkpoint_path (when set) as it stops."""
         if not self.runner.stop(self.cfg.node.stop_timeout_s):
-            self.get_logger().warn(f"threads did not stop within {self.cfg.node.stop_timeout_s} s")
+            self.get_logger().warning(f"threads did not stop within {self.cfg.node.stop_timeout_s} s")
+
+
+def _failed_response(request: Any, response: Any) -> Any:
+    """What a guarded service answers when its callback raised (the error is logged)."""
+    response.success, response.message = False, "failed: see the node's log"
+    return response
 
 
 def main(args: list[str] | None = None) -> int:
     """Entry point of ``ros2 run pl3d_ros pl3d_node`` (console script ``pl3d_node``)."""
     rclpy.init(args=args)
+    bridge_logging(rclpy.logging.get_logger(NODE_NAME))  # library logs -> console, /rosout, log file
     node: Pl3dNode | None = None
     try:
         try:
@@ -353,8 +360,7 @@ def main(args: list[str] | None = None) -> int:
         if node is not None:
             node.shutdown()
             node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
+        rclpy.try_shutdown()  # a Ctrl-C may have shut the context down already
     return 0
 
 

@@ -50,6 +50,22 @@ def kitti_bag00(tmp_path_factory, kitti00) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def synthetic_frames():
+    """Four synthetic camera+LiDAR frames (test/fakes.py): no dataset needed."""
+    from fakes import synthetic_frame
+
+    return [synthetic_frame(i, seq=i) for i in range(4)]
+
+
+@pytest.fixture(scope="session")
+def synthetic_bag(tmp_path_factory):
+    """Three synthetic frames as a bag in `pl3d kitti2bag`'s layout (labels, /tf_static)."""
+    from fakes import write_synthetic_bag
+
+    return write_synthetic_bag(tmp_path_factory.mktemp("synthetic") / "syn3")
+
+
 @pytest.fixture
 def one_torch_thread():
     """Tiny tensors: one intra-op thread. On a loaded 2-core machine two OpenMP threads spin-wait

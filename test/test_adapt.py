@@ -6,62 +6,22 @@ import numpy as np
 import pytest
 import torch
 
+from fakes import bn_weights, confident_model, header, small_model, synthetic_frame
 from pl3d_ros.adapt import Adapter, build_method
-from pl3d_ros.adapt.batch import make_batch
+from pl3d_ros.adapt.state import frame_state
 from pl3d_ros.config import AdaptConfig, Config, RefineConfig
-from pl3d_ros.frame import CameraModel, Frame
+from pl3d_ros.inputs import prepare
 from pl3d_ros.models.checkpoint import read_header
-from test_models_runtime import SENSOR, SMALL, header, small_model
-
-ROAD, CAR, BUILDING = 40, 10, 50  # SemanticKITTI raw ids (xmuda10: road=4, car=0, building=7)
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def synthetic_frame(seed: int = 0, n: int = 1500, seq: int = 0) -> Frame:
-    """A 128x64 camera looking along the LiDAR's +x over a ground ring, a car-sized box and a wall.
-
-    The image is a mosaic of 16x16 tiles of random colours, so superpixels find ~32 masks of
-    ~3 % of the image each (under MLA's 25 % area cap). Ground truth in raw SemanticKITTI ids.
-    """
-    g = np.random.default_rng(seed)
-    K = np.array([[60.0, 0, 63.5], [0, 60.0, 31.5], [0, 0, 1]])
-    T = np.eye(4)
-    T[:3, :3] = [[0, -1, 0], [0, 0, -1], [1, 0, 0]]  # LiDAR x fwd, y left, z up -> optical frame
-    cam = CameraModel(K, 128, 64, T)
-    m = n // 5
-    k = n - 2 * m
-    r, az = g.uniform(3, 25, k), g.uniform(-np.pi, np.pi, k)
-    ground = np.stack([r * np.cos(az), r * np.sin(az), -1.7 + g.normal(0, 0.02, k), g.uniform(0, 1, k)], 1)
-    car = np.stack([g.uniform(8, 10, m), g.uniform(-1, 1, m), g.uniform(-1.7, -0.2, m), g.uniform(0, 1, m)], 1)
-    wall = np.stack([np.full(m, 20.0), g.uniform(-10, 10, m), g.uniform(-1.7, 3, m), g.uniform(0, 1, m)], 1)
-    points = np.concatenate([ground, car, wall]).astype(np.float32)
-    labels = np.concatenate([np.full(k, ROAD), np.full(m, CAR), np.full(m, BUILDING)]).astype(np.uint32)
-    tiles = g.integers(0, 256, (4, 8, 3))
-    image = np.repeat(np.repeat(tiles, 16, 0), 16, 1).astype(np.uint8)
-    return Frame(1_000_000_000 + seq * 100_000_000, points, image, cam, labels, seq=seq)
 
 
 def make_cfg(refine: bool = False, **adapt) -> Config:
     """The tiny test network's config. refine=False switches mask refinement off (no mla)."""
     adapt.setdefault("disable", [] if refine else ["mla"])
-    return Config(class_set="xmuda10", sensor=SENSOR, model=SMALL, adapt=AdaptConfig(**adapt),
+    return Config(class_set="xmuda10", adapt=AdaptConfig(**adapt),
                   refine=RefineConfig(mask_provider="superpixel", superpixel_scale=10.0,
                                       superpixel_min_size=20)).validate()
-
-
-def confident_model(seed: int = 0):
-    """The tiny network leaning towards road (class 4), so pseudo-labels and masks agree."""
-    model = small_model(seed)
-    with torch.no_grad():
-        model.image.head.bias[4] += 2.0
-        model.range.head.bias[4] += 2.0
-    return model
-
-
-def bn_weights(net) -> torch.Tensor:
-    return torch.cat([m.weight.detach().flatten() for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)])
 
 
 def test_full_every_component_on_with_superpixels():
@@ -76,12 +36,12 @@ def test_full_every_component_on_with_superpixels():
         stats = ad.step(synthetic_frame(i, seq=i))
         assert "error" not in stats, stats
     h = ad.health()
-    assert h["errors"] == 0 and h["steps"] == 4 and h["frames"] == 2
+    assert h.errors == 0 and h.steps == 4 and h.frames == 2
     # masks were used, propagated, and the connectivity filter judged components
     assert stats["refine_masks_kept"] > 0 and stats["refine_points_added"] > 0
     assert stats["connectivity_components"] > 0
-    assert h["refined_density"] > h["base_density"] > 0
-    assert 0.0 <= h["base_precision"] <= 1.0 and h["refined_precision"] is not None
+    assert h.refined_density > h.base_density > 0
+    assert 0.0 <= h.base_precision <= 1.0 and h.refined_precision is not None
     for key in ("loss_ce", "loss_negative", "loss_erda", "loss_xm"):
         assert np.isfinite(stats[key])
     assert not torch.equal(bn_weights(ad.teacher), source_bn)
@@ -98,7 +58,7 @@ def test_teacher_changes_and_on_weights_every_m_steps():
     src = ad.method.models.source
     for i in range(4):
         ad.step(synthetic_frame(i, seq=i))
-    assert len(calls) == 2 and ad.health()["weight_swaps"] == 2
+    assert len(calls) == 2 and ad.health().weight_swaps == 2
     state = calls[-1]
     assert set(state) == set(src.state_dict()) and all(v.device.type == "cpu" for v in state.values())
     teacher = ad.teacher.state_dict()
@@ -107,7 +67,7 @@ def test_teacher_changes_and_on_weights_every_m_steps():
     # what is deployed was learned: BN running statistics moved to the target frames' statistics
     key = next(k for k in state if k.endswith("running_mean"))
     assert not torch.equal(state[key], src.state_dict()[key])
-    assert ad.health()["errors"] == 0
+    assert ad.health().errors == 0
 
 
 def test_adapter_survives_an_exception_in_a_step_and_rolls_back():
@@ -129,7 +89,7 @@ def test_adapter_survives_an_exception_in_a_step_and_rolls_back():
     assert all(torch.equal(before[k], v) for k, v in ad.teacher.state_dict().items())
     assert "error" not in ad.step(synthetic_frame(1, seq=1))
     h = ad.health()
-    assert h["errors"] == 1 and h["last_error"] == "RuntimeError: boom" and h["steps"] == 1 and h["frames"] == 2
+    assert h.errors == 1 and h.last_error == "RuntimeError: boom" and h.steps == 1 and h.frames == 2
 
 
 def test_background_thread_keeps_going_after_errors():
@@ -148,13 +108,13 @@ def test_background_thread_keeps_going_after_errors():
     assert ad.running
     deadline = time.monotonic() + 15.0
     i = 0
-    while ad.health()["steps"] < 1 and time.monotonic() < deadline:
+    while ad.health().steps < 1 and time.monotonic() < deadline:
         ad.offer(synthetic_frame(i, seq=i))
         i += 1
         time.sleep(0.05)
     assert ad.stop(10.0)
     h = ad.health()
-    assert h["errors"] == 1 and h["steps"] >= 1 and not h["running"]
+    assert h.errors == 1 and h.steps >= 1 and not h.running
 
 
 def test_offer_drops_the_oldest_when_full():
@@ -163,8 +123,8 @@ def test_offer_drops_the_oldest_when_full():
     for f in frames:
         ad.offer(f)
     h = ad.health()
-    assert h["frames_offered"] == 3 and h["frames_dropped"] == 1 and h["buffered"] == 2
-    assert [f.seq for f in ad._buffer] == [1, 2]
+    assert h.frames_offered == 3 and h.frames_dropped == 1 and h.buffered == 2
+    assert [f.seq for f, _ in ad._buffer] == [1, 2]
 
 
 def test_collapse_guard_restores_the_source():
@@ -181,7 +141,7 @@ def test_collapse_guard_restores_the_source():
     s1 = ad.step(synthetic_frame(1, seq=1))
     assert s1["collapse"] and s1["class_share"] == 1.0
     h = ad.health()
-    assert h["collapse_restores"] == 1 and h["restores"] == 1 and h["errors"] == 0
+    assert h.collapse_restores == 1 and h.restores == 1 and h.errors == 0
     src = ad.method.models.source.state_dict()
     assert all(torch.equal(v, src[k]) for k, v in ad.teacher.state_dict().items())
     assert len(calls) == 1 and all(torch.equal(v, src[k]) for k, v in calls[0].items())
@@ -219,16 +179,16 @@ def test_checkpoint_save_and_resume(tmp_path):
     calls = []
     cfg2 = make_cfg(checkpoint_path=str(path), resume="adapted")
     ad2 = Adapter(confident_model(), header(), cfg2, on_weights=calls.append)
-    assert ad2.health()["resumed_from"] == str(path)
+    assert ad2.health().resumed_from == str(path)
     assert all(torch.equal(saved[k], v) for k, v in ad2.teacher.state_dict().items())
     assert len(calls) == 1  # the backend gets the resumed weights at once
     ad2.reset()  # back to the true source, not the checkpoint
     src = confident_model().state_dict()
     assert all(torch.equal(src[k], v) for k, v in ad2.teacher.state_dict().items())
-    assert len(calls) == 2 and ad2.health()["restores"] == 1
+    assert len(calls) == 2 and ad2.health().restores == 1
     # missing checkpoint: start from the source
     cfg3 = make_cfg(checkpoint_path=str(tmp_path / "none.safetensors"), resume="adapted")
-    assert Adapter(confident_model(), header(), cfg3).health()["resumed_from"] is None
+    assert Adapter(confident_model(), header(), cfg3).health().resumed_from is None
 
 
 @pytest.mark.parametrize("method", ["source", "tent", "pl"])
@@ -241,13 +201,13 @@ def test_baselines_step(method):
     assert "error" not in stats
     h = ad.health()
     if method == "source":
-        assert h["steps"] == 0 and not calls and torch.equal(bn_weights(ad.teacher), src_bn)
+        assert h.steps == 0 and not calls and torch.equal(bn_weights(ad.teacher), src_bn)
         return
-    assert h["steps"] == (1 if method == "tent" else 3)  # TENT: one step per frame
-    assert len(calls) == h["steps"]
+    assert h.steps == (1 if method == "tent" else 3)  # TENT: one step per frame
+    assert len(calls) == h.steps
     assert not torch.equal(bn_weights(ad.teacher), src_bn)
     if method == "pl":
-        assert 0 < h["base_density"] < 1 and h["base_precision"] is not None
+        assert 0 < h.base_density < 1 and h.base_precision is not None
         # no mean teacher: the deployed network is the adapted student
         assert torch.equal(bn_weights(ad.teacher), bn_weights(ad.method.models.student))
 
@@ -255,30 +215,36 @@ def test_baselines_step(method):
 def test_negative_learning_uses_a_new_class_each_round():
     cfg = make_cfg(steps_per_frame=3, negative_rounds=2, negative_max_prob=1.0)
     method = build_method(cfg, confident_model(), header())
-    batch = make_batch(synthetic_frame(0), header(), "cpu")
+    state = frame_state(synthetic_frame(0), header(), "cpu")
+    method.prepare(state)
     picked = []
     for r in range(3):
-        batch.round = r
-        stats = method.step(batch)
-        picked.append(batch.cache["full"]["used"].sum(1).clone())
-        assert ("loss_negative" in stats) == (r < 2)  # at most negative_rounds rounds per frame
+        stats = method.step(state).as_dict()
+        picked.append(state.negatives_used.sum(1).clone())
+        assert ("loss_negative" in stats) == (r < 2)  # at most negative_rounds steps per frame
     unreliable_any = picked[0] > 0
     assert unreliable_any.any()
     # every point that got a class in round 0 has two distinct classes after round 1
     assert torch.all(picked[1][unreliable_any] == 2) and torch.equal(picked[2], picked[1])
 
 
-def test_make_batch_matches_the_segmenter_inputs_and_gt():
+def test_frame_state_uses_the_inference_inputs_and_gt():
     from pl3d_ros.pipeline import Segmenter
+    from pl3d_ros.runtime.torch_backend import TorchBackend
 
     f = synthetic_frame(0)
-    b = make_batch(f, header(), "cpu")
-    prep = Segmenter(None, header()).preprocess(f)
-    assert torch.equal(b.range_image, torch.from_numpy(prep.inputs["range_image"]))
-    assert b.uv.shape == (int(prep.in_view.sum()), 2) and b.num_points == f.num_points
-    assert set(b.gt.unique().tolist()) == {0, 4, 7}  # car, road, building
-    pix, depth, iv = b.camera_projection()
-    assert pix.shape == (f.num_points, 2) and iv.sum() > 0 and np.all(depth[iv] > 0)
+    h = header()
+    pred = Segmenter(TorchBackend(small_model(), h.input_shapes, device="cpu"), h).infer(f)
+    state = frame_state(f, h, "cpu", inputs=pred.inputs)
+    assert state.inputs is pred.inputs  # handed over, not prepared a second time
+    fresh = frame_state(f, h, "cpu")
+    own = prepare(f, (h.model.image_width, h.model.image_height), h.sensor)
+    assert torch.equal(fresh.inputs.range_image, own.range_image)
+    assert torch.equal(fresh.inputs.range_image, pred.inputs.range_image)
+    assert state.inputs.uv.shape == (int(own.in_view.sum()), 2) and state.num_points == f.num_points
+    assert set(state.gt.unique().tolist()) == {0, 4, 7}  # car, road, building
+    cam = state.camera_pixels()
+    assert cam.pixels.shape == (f.num_points, 2) and cam.in_view.sum() > 0 and np.all(cam.depth[cam.in_view] > 0)
 
 
 def test_threads_do_not_block_offer():
@@ -291,4 +257,38 @@ def test_threads_do_not_block_offer():
     assert ad.stop(10.0)
     h = ad.health()
     # every frame offered was dropped, stepped, or is still waiting
-    assert h["frames_offered"] == 20 and h["frames_dropped"] + h["frames"] + h["buffered"] == 20
+    assert h.frames_offered == 20 and h.frames_dropped + h.frames + h.buffered == 20
+
+
+def test_non_finite_weights_never_go_live():
+    """A finite loss with NaN gradients would deploy a NaN teacher (every point labelled 0 with
+    NaN confidence): the step is rolled back and counted, nothing non-finite reaches on_weights."""
+    calls = []
+    cfg = make_cfg(method="pl", swap_every_steps=1)
+    ad = Adapter(confident_model(), header(), cfg, on_weights=calls.append, seed=0)
+    student = ad.method.models.student
+    bn = next(m for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    handle = bn.weight.register_hook(lambda g: torch.full_like(g, float("nan")))
+    before = {k: v.clone() for k, v in ad.teacher.state_dict().items()}
+    stats = ad.step(synthetic_frame(0))
+    assert "non-finite weights" in stats["error"]
+    assert all(torch.equal(before[k], v) for k, v in ad.teacher.state_dict().items())  # rolled back
+    assert not calls and ad.health().errors == 1
+    handle.remove()
+    assert "error" not in ad.step(synthetic_frame(1, seq=1))  # and adaptation goes on
+    assert len(calls) == 1 and all(torch.isfinite(v).all() for v in calls[0].values() if v.is_floating_point())
+
+
+def test_a_deployed_network_with_non_finite_outputs_is_replaced_by_the_source():
+    calls = []
+    ad = Adapter(confident_model(), header(), make_cfg(method="pl", swap_every_steps=100),
+                 on_weights=calls.append, seed=0)
+    with torch.no_grad():  # finite weights, NaN outputs: a negative BN running variance
+        bn = next(m for m in ad.method.models.teacher.range.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        bn.running_var.fill_(-1.0)
+    stats = ad.step(synthetic_frame(0))
+    assert "not finite" in stats["error"]
+    src = ad.method.models.source.state_dict()
+    assert all(torch.equal(v, src[k]) for k, v in ad.teacher.state_dict().items())
+    assert len(calls) == 1 and ad.health().restores == 1
+    assert "error" not in ad.step(synthetic_frame(1, seq=1))

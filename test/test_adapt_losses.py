@@ -13,7 +13,7 @@ from pl3d_ros.adapt.pseudo_labels import ClasswiseThresholds, PseudoLabeler
 from pl3d_ros.adapt.reliability import reliability_split
 from pl3d_ros.adapt.teacher import (CollapseGuard, TeacherStudent, ema_update, select_trainable,
                                     stochastic_restore)
-from test_models_runtime import small_model
+from fakes import small_model
 
 LN3 = math.log(3.0)
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pl3d_ros.config import Config
+from pl3d_ros.config import TrainingConfig
 from pl3d_ros.models.checkpoint import load_checkpoint, read_header
 from pl3d_ros.weights import DEFAULT_MODEL, default_model_path
 
@@ -11,10 +11,11 @@ def test_bundled_model_header_and_load():
     path = default_model_path()
     assert path.stat().st_size <= 20e6  # ships inside the package
     header = read_header(path)
-    assert header.class_set.name == Config().class_set
-    assert header.model.preset == "cpu" and header.sensor == Config().sensor
+    defaults = TrainingConfig()  # what `pl3d train` makes without options
+    assert header.class_set.name == defaults.class_set
+    assert header.model.preset == "cpu" and header.sensor == defaults.sensor
     assert header.training["data"]["inputs"] and header.training["epochs_done"] >= 1
-    model, _ = load_checkpoint(path, class_set="xmuda10", sensor=Config().sensor)
+    model, _ = load_checkpoint(path, class_set="xmuda10", sensor=defaults.sensor)
     assert sum(p.numel() for p in model.parameters()) > 100_000
 
 

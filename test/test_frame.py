@@ -18,13 +18,41 @@ def frame(points=None, image=None, **kw):
 def test_nonfinite_points_dropped_and_counted_with_their_labels():
     pts = np.ones((10, 4), np.float32)
     pts[2, 0] = np.nan
-    pts[7, 3] = np.inf
+    pts[5, 2] = -np.inf
     labels = np.arange(10, dtype=np.uint32)
     f = frame(pts, labels=labels)
     assert f.num_points == 8
-    assert f.dropped_points == 2
-    np.testing.assert_array_equal(f.labels, [0, 1, 3, 4, 5, 6, 8, 9])
+    assert f.dropped_points == 2 and f.dropped_far == 0 and f.zeroed_intensity == 0
+    np.testing.assert_array_equal(f.labels, [0, 1, 3, 4, 6, 7, 8, 9])
     assert f.points.dtype == np.float32
+
+
+def test_nonfinite_intensity_keeps_the_point_with_intensity_zero():
+    pts = np.ones((6, 4), np.float32)
+    pts[1, 3], pts[4, 3] = np.nan, np.inf
+    f = frame(pts, labels=np.arange(6, dtype=np.uint32))
+    assert f.num_points == 6 and f.dropped_points == 0 and f.zeroed_intensity == 2
+    np.testing.assert_array_equal(f.points[:, 3], [1, 0, 1, 1, 0, 1])
+    np.testing.assert_array_equal(f.points[:, :3], 1.0)
+    assert np.isnan(pts[1, 3])  # the caller's array is not written to
+    # a cloud whose every intensity is NaN is a cloud, not an empty one
+    pts[:, 3] = np.nan
+    assert frame(pts).num_points == 6
+
+
+def test_points_beyond_the_range_bound_are_dropped_and_counted():
+    from pl3d_ros.frame import MAX_POINT_RANGE_M
+
+    pts = np.ones((5, 4), np.float32)
+    pts[1, 0] = 3e38  # finite float32, absurd range
+    pts[2, :3] = MAX_POINT_RANGE_M / np.sqrt(3) * 1.001  # just beyond, by its norm
+    pts[3, :3] = MAX_POINT_RANGE_M / np.sqrt(3) * 0.999  # just within
+    pts[4, 1] = np.nan
+    f = frame(pts, labels=np.arange(5, dtype=np.uint32))
+    np.testing.assert_array_equal(f.labels, [0, 3])
+    assert (f.dropped_points, f.dropped_far) == (3, 2)
+    with pytest.raises(FrameError, match="2 beyond 1000 m"):
+        frame(np.full((2, 4), 5e3, np.float32))
 
 
 def test_float64_points_become_float32():

@@ -80,10 +80,10 @@ def test_kitti_projection_matches_P2_Tr(seq):
     hand[front] = (uv[:, 0] >= -0.5) & (uv[:, 0] < width - 0.5)
     hand[front] &= (uv[:, 1] >= -0.5) & (uv[:, 1] < height - 0.5)
     np.testing.assert_array_equal(proj.in_view, hand)
-    assert 0.10 < proj.num_in_view / len(points) < 0.25
+    assert 0.10 < proj.in_view.sum() / len(points) < 0.25
 
-    rows, cols = proj.pixel_indices
-    assert rows.shape == cols.shape == (proj.num_in_view,)
+    cols, rows = proj.pixels(width, height)[proj.in_view].T
+    assert rows.shape == cols.shape == (proj.in_view.sum(),)
     assert rows.min() >= 0 and rows.max() < height and cols.min() >= 0 and cols.max() < width
     np.testing.assert_array_equal(cols, np.floor(uv[hand[front], 0] + 0.5))
 
@@ -122,10 +122,10 @@ def test_projection_respects_T_cam_lidar_and_pixel_bounds():
     np.testing.assert_array_equal(
         proj.in_view, [True, False, True, False, True, False, False, True]
     )
-    rows, cols = proj.pixel_indices
+    cols, rows = proj.pixels(100, 60)[proj.in_view].T
     np.testing.assert_array_equal(cols, [0, 99, 7, 50])
     np.testing.assert_array_equal(rows, [3, 59, 0, 29])
-    np.testing.assert_array_equal(proj.indices, [0, 2, 4, 7])
+    np.testing.assert_array_equal(np.flatnonzero(proj.in_view), [0, 2, 4, 7])
 
     # Exactly on the edges (binary-exact numbers): -0.5 is inside, size - 0.5 is outside.
     camera = CameraModel(np.array([[128.0, 0, 63.5], [0, 128.0, 31.5], [0, 0, 1]]), 128, 64)

@@ -7,45 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from pl3d_ros.config import ModelConfig, RangeImageConfig
-from pl3d_ros.labels import load_class_set
-from pl3d_ros.models.checkpoint import (CheckpointError, CheckpointHeader, load_checkpoint,
+from pl3d_ros.config import RangeImageConfig
+from pl3d_ros.models.checkpoint import (CheckpointError, load_checkpoint,
                                         read_header, save_checkpoint)
 from pl3d_ros.models.points import fuse, gather_cells, sample_pixels
-from pl3d_ros.models.two_stream import build_model
+from fakes import header, net_inputs, small_model
 from pl3d_ros.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from pl3d_ros.runtime.torch_backend import TorchBackend
 
-SMALL = ModelConfig(preset="test", image_width=64, image_height=32, image_widths=[4, 8, 8],
-                    range_widths=[4, 8, 8])
-SENSOR = RangeImageConfig(rows=16, cols=64)
-
-
-def small_model(seed=0):
-    torch.manual_seed(seed)
-    model = build_model(SMALL, 10)
-    # non-trivial BatchNorm statistics, so export folding is actually exercised
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    return model.eval()
-
-
-def header():
-    return CheckpointHeader(SMALL, load_class_set("xmuda10"), SENSOR, {"note": "test"})
-
-
-def inputs(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rng = torch.rand(1, 5, SENSOR.rows, SENSOR.cols, generator=g) * 20
-    rng[:, :, :, ::7] = 0  # empty cells
-    return {"image": torch.rand(1, 3, 32, 64, generator=g).numpy(), "range_image": rng.numpy()}
-
-
 def test_branch_output_shapes():
     model = small_model()
-    x = inputs()
+    x = net_inputs()
     l2, l3, f2, f3 = model.forward_features(torch.from_numpy(x["image"]), torch.from_numpy(x["range_image"]))
     assert l2.shape == (1, 10, 32, 64) and l3.shape == (1, 10, 16, 64)
     assert f2.shape == (1, 4, 32, 64) and f3.shape == (1, 4, 16, 64)
@@ -111,7 +83,7 @@ def test_checkpoint_whose_weights_do_not_fit_its_header(tmp_path):
 
 def test_onnxruntime_matches_torch():
     model = small_model()
-    x = inputs()
+    x = net_inputs()
     ref = TorchBackend(model, header().input_shapes, device="cpu").run(x)
     out = OnnxRuntimeBackend(model, header(), providers=["CPUExecutionProvider"]).run(x)
     for name in ("logits_2d", "logits_3d"):
@@ -158,7 +130,7 @@ def hammer_during_swaps(backend, model_a, model_b, ref_a, ref_b, x, tol=1e-3) ->
 @pytest.mark.parametrize("backend_cls", [TorchBackend, OnnxRuntimeBackend])
 def test_swap_under_concurrent_runs_never_mixes_weights(backend_cls):
     model_a, model_b = small_model(0), small_model(1)
-    x = inputs()
+    x = net_inputs()
     ref_a = TorchBackend(model_a, header().input_shapes, device="cpu").run(x)
     ref_b = TorchBackend(model_b, header().input_shapes, device="cpu").run(x)
     backend = (TorchBackend(model_a, header().input_shapes, device="cpu") if backend_cls is TorchBackend
@@ -184,3 +156,13 @@ def test_cli_export_writes_onnx_and_sidecar(tmp_path, capsys):
     bad.write_bytes(b"not a checkpoint")
     assert main(["export", str(bad), "-o", str(tmp_path / "x")]) == 1
     assert "not a readable safetensors" in capsys.readouterr().err
+
+
+def test_coarse_feature_maps_are_sampled_at_the_same_places():
+    """Features at stride 2 (ESPNetv2's decoder) must be read where the full-resolution logits
+    are: uv are input-image pixels, whatever the grid's resolution."""
+    fine = torch.arange(64, dtype=torch.float32).view(1, 1, 8, 8) % 8  # value = column
+    coarse = torch.nn.functional.avg_pool2d(fine, 2)  # value = column pair mean (0.5, 2.5, ...)
+    uv = torch.tensor([[0.5, 3.0], [4.5, 1.0], [6.5, 6.0]], dtype=torch.float64)
+    np.testing.assert_allclose(sample_pixels(fine, uv)[:, 0].numpy(), [0.5, 4.5, 6.5], atol=1e-6)
+    np.testing.assert_allclose(sample_pixels(coarse, uv, (8, 8))[:, 0].numpy(), [0.5, 4.5, 6.5], atol=1e-6)

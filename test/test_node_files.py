@@ -19,10 +19,12 @@ import numpy as np
 import pytest
 import yaml
 
-from pl3d_ros.config import Config, ConfigError
-from pl3d_ros.runner import (Extrinsics, ParameterSpec, config_from_parameters, flat_from_parameters,
-                             frame_from_messages, output_arrays, parameter_specs, qos_settings,
-                             read_yaml_comments, resolve_model)
+from pl3d_ros.app import resolve_model
+from pl3d_ros.config import Config, ConfigError, leaves
+from pl3d_ros.io.extrinsics import Extrinsics
+from pl3d_ros.io.frames import frame_from_messages, output_arrays
+from pl3d_ros.ros_params import (ParameterSpec, config_from_parameters, flat_from_parameters, parameter_specs,
+                                 qos_settings)
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "config" / "pl3d.yaml"
@@ -44,8 +46,9 @@ def _nested_keys(tree: dict, prefix: str = "") -> list[str]:
 
 def _ros_params() -> dict:
     data = yaml.safe_load(PARAMS.read_text())
-    assert list(data) == ["pl3d_node"] and list(data["pl3d_node"]) == ["ros__parameters"]
-    return data["pl3d_node"]["ros__parameters"]
+    # "/**": the file applies to the node under any name and namespace
+    assert list(data) == ["/**"] and list(data["/**"]) == ["ros__parameters"]
+    return data["/**"]["ros__parameters"]
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -111,10 +114,10 @@ def test_declared_parameters_are_exactly_the_config_leaves():
 def test_parameter_types_follow_the_settings():
     specs = {s.name: s for s in parameter_specs()}
     assert specs["sync.slop_s"].type_name == "DOUBLE"
-    assert specs["sensor.rows"].type_name == "INTEGER"
+    assert specs["sync.queue_size"].type_name == "INTEGER"
     assert specs["refine.protect_confident"].type_name == "BOOL"
     assert specs["class_set"].type_name == "STRING"
-    assert specs["model.image_widths"].type_name == "INTEGER_ARRAY"
+    assert "model.image_widths" not in specs and "sensor.rows" not in specs  # training settings
     # Empty list defaults: the element type comes from the annotation, and they are declared by
     # type, because rclpy infers BYTE_ARRAY from [].
     assert specs["adapt.disable"].type_name == "STRING_ARRAY" and specs["adapt.disable"].declare_by_type
@@ -134,13 +137,12 @@ def test_parameter_values_back_to_config():
     values = {s.name: s.ros_default for s in specs}
     assert config_from_parameters(values, specs).to_dict() == Config().to_dict()
     # What rclpy hands back: None for an unset parameter, array.array / tuples for arrays.
-    values.update({"adapt.disable": None, "model.image_widths": array.array("q", [8, 16, 32]),
-                   "model.range_widths": (8, 16, 32), "sensor.cols": 1024,
+    values.update({"adapt.disable": None, "sync.queue_size": 7,
                    "frames.static_extrinsics": array.array("d", np.eye(4).ravel())})
     flat = flat_from_parameters(values, specs)
-    assert flat["adapt.disable"] == [] and flat["model.image_widths"] == [8, 16, 32]
-    cfg = config_from_parameters(values, specs)
-    assert cfg.sensor.cols == 1024 and cfg.model.range_widths == [8, 16, 32]
+    assert flat["adapt.disable"] == [] and flat["frames.static_extrinsics"] == np.eye(4).ravel().tolist()
+    cfg = config_from_parameters({**values, "adapt.disable": ("xm", "erda")}, specs)
+    assert cfg.sync.queue_size == 7 and cfg.adapt.disable == ["xm", "erda"]
     assert cfg.frames.static_extrinsics == np.eye(4).ravel().tolist()
     with pytest.raises(ConfigError, match="qos.input"):
         config_from_parameters({**values, "qos.input": "fast"}, specs)
@@ -148,10 +150,14 @@ def test_parameter_values_back_to_config():
         config_from_parameters({**values, "frames.static_extrinsics": [1.0] * 16}, specs)
 
 
-def test_descriptions_come_from_the_yaml_comments():
-    specs = parameter_specs(descriptions=read_yaml_comments(PARAMS))
+def test_descriptions_come_from_the_settings_declarations():
+    specs = parameter_specs()
     assert all(s.description for s in specs), [s.name for s in specs if not s.description]
-    assert "largest stamp difference" in {s.name: s for s in specs}["sync.slop_s"].description
+    by_name = {s.name: s for s in specs}
+    assert "largest stamp difference" in by_name["sync.slop_s"].description
+    assert by_name["sync.slop_s"].description.split(";")[0].endswith(", s")  # the unit
+    assert "onnxruntime" in by_name["runtime.backend"].constraints  # allowed values, from the registry
+    assert "[0, 1]" in by_name["adapt.teacher_momentum"].constraints
 
 
 def test_qos_presets():
@@ -168,11 +174,36 @@ def test_qos_presets():
 # ------------------------------------------------------------------------------- config/pl3d.yaml
 
 
+def test_params_file_and_schema_are_generated_and_fresh():
+    """config/pl3d.yaml and config/pl3d.schema.json are exactly what `pl3d config --write config`
+    makes from the settings' declarations: edit pl3d_ros/config.py, then regenerate."""
+    from pl3d_ros import params_files
+
+    stale = params_files.stale(PARAMS.parent)
+    assert not stale, f"stale: {stale}; run `pl3d config --write config`"
+
+
 def test_params_file_holds_every_setting_with_its_default():
     params = _ros_params()
     assert sorted(_nested_keys(params)) == sorted(Config().flat())
     cfg = Config.from_yaml(PARAMS)
     assert cfg.to_dict() == Config().to_dict()
+
+
+def test_params_file_validates_against_its_schema():
+    import json
+
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((PARAMS.parent / "pl3d.schema.json").read_text())
+    jsonschema.validate(yaml.safe_load(PARAMS.read_text()), schema)
+    bad = yaml.safe_load(PARAMS.read_text())
+    bad["/**"]["ros__parameters"]["adapt"]["lr"] = -1.0
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+    bad["/**"]["ros__parameters"]["adapt"]["lr"] = 0.001
+    bad["/**"]["ros__parameters"]["runtime"]["backend"] = "openvino?"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
 
 
 def test_params_file_values_have_the_declared_ros_types():
@@ -191,25 +222,10 @@ def test_params_file_values_have_the_declared_ros_types():
             assert check[spec.type_name](value), (spec.name, value)
 
 
-def test_every_param_has_a_comment():
-    comments = read_yaml_comments(PARAMS)
-    assert set(Config().flat()) <= set(comments)
-    missing = [k for k in Config().flat() if not comments[k].strip()]
-    assert not missing
-
-
-def test_read_yaml_comments_rules(tmp_path):
-    path = tmp_path / "p.yaml"
-    path.write_text(
-        "n:\n  ros__parameters:\n"
-        "    # above a\n"
-        "    a: 1\n"
-        "    s:\n"
-        "      b: \"x # not a comment\"  # trailing b\n"
-        "      # ignored: blank line follows\n"
-        "\n"
-        "      c: [1, 2]\n")
-    assert read_yaml_comments(path) == {"a": "above a", "s.b": "trailing b", "s.c": ""}
+def test_every_param_is_described_in_the_file():
+    text = PARAMS.read_text()
+    for leaf in leaves(Config):
+        assert leaf.description in text, leaf.name
 
 
 # ------------------------------------------------------------------------------- rviz
@@ -447,7 +463,8 @@ def _stub_ros(monkeypatch, overrides: dict, published: dict, registry: dict) -> 
             self.tasks[name] = fn
 
     qos = types.SimpleNamespace
-    module("rclpy", init=lambda args=None: None, ok=lambda: True, shutdown=lambda: None)
+    module("rclpy", init=lambda args=None: None, ok=lambda: True, shutdown=lambda: None,
+           try_shutdown=lambda: None)
     module("rclpy.logging", get_logger=lambda name: Logger())
     module("rclpy.time", Time=lambda: 0)
     module("rclpy.node", Node=Node)
@@ -476,20 +493,18 @@ def _stub_ros(monkeypatch, overrides: dict, published: dict, registry: dict) -> 
     monkeypatch.delitem(sys.modules, "pl3d_ros.node", raising=False)
 
 
-def test_node_glue_on_stub_ros(monkeypatch, request, small_bag, tmp_path):
+def test_node_glue_on_stub_ros(monkeypatch, request, synthetic_bag, tmp_path):
     """node.py's flow on stand-in ROS modules: every Config leaf declared (empty lists by type),
     QoS presets applied, synced messages -> Frame -> runner -> both output clouds and the debug
     topics, tf2 lookup on the timer, services and diagnostics."""
-    from test_models_runtime import header, small_model
-
+    from fakes import header, small_model
     from pl3d_ros.io import ros_msgs
     from pl3d_ros.models.checkpoint import save_checkpoint
     from pl3d_ros.transforms import invert
 
     model_path = save_checkpoint(tmp_path / "small.safetensors", small_model(), header())
     overrides = {"runtime.model": str(model_path), "runtime.backend": "torch",
-                 "runtime.device": "cpu", "sensor.rows": 16, "sensor.cols": 64,
-                 "adapt.method": "source"}
+                 "runtime.device": "cpu", "adapt.method": "source"}
     published: dict[str, list] = {}
     registry: dict = {}
     _stub_ros(monkeypatch, overrides, published, registry)
@@ -512,7 +527,7 @@ def test_node_glue_on_stub_ros(monkeypatch, request, small_bag, tmp_path):
     assert registry["qos"]["~/output/pointcloud/segmentation"].reliability == "reliable"
     assert registry["sync"] == (10, 0.05)
 
-    msgs = _raw_messages(small_bag)
+    msgs = _raw_messages(synthetic_bag)
     (_, lidar_frame, camera_frame, T_lidar_cam), = ros_msgs.tf_message_transforms(msgs["/tf_static"][0])
     factory = ros_msgs.rosbags_factory(__import__("pl3d_ros.io.bag", fromlist=["x"]).typestore())
     registry["tf"] = lambda target, source: ros_msgs.make_tf_message(
@@ -556,6 +571,56 @@ def test_node_glue_on_stub_ros(monkeypatch, request, small_bag, tmp_path):
     response = registry["services"]["~/reset_adaptation"](None, __import__("types").SimpleNamespace())
     assert response.success is False and "adaptation is off" in response.message
 
+    # A callback that raises (a message the converters never anticipated) is counted and logged;
+    # it returns instead of propagating into (and ending) the executor's spin().
+    assert registry["on_synced"](None, None, None) is None
+    assert node.guard.errors()["synced_input"] == 1
+    stat = registry["diag"]["processing_time"](Stat())
+    assert stat.v_callback_errors == "1"
+
+
+def test_services_answer_at_once_while_the_adapter_is_busy(monkeypatch, request, synthetic_bag, tmp_path):
+    """~/reset_adaptation must not wait for the adaptation step in progress (the executor's only
+    thread would stop taking frames): the work is handed to the runner's service thread."""
+    import threading
+    import types
+
+    from fakes import FakeAdapter, header, small_model
+    from pl3d_ros.models.checkpoint import save_checkpoint
+
+    model_path = save_checkpoint(tmp_path / "small.safetensors", small_model(), header())
+    published: dict[str, list] = {}
+    registry: dict = {}
+    _stub_ros(monkeypatch, {"runtime.model": str(model_path), "runtime.backend": "torch",
+                            "runtime.device": "cpu", "adapt.method": "source",
+                            "adapt.checkpoint_path": str(tmp_path / "adapted.safetensors")},
+              published, registry)
+    request.addfinalizer(lambda: sys.modules.pop("pl3d_ros.node", None))
+    import pl3d_ros.node as node_mod
+
+    node = node_mod.Pl3dNode()
+    step_done = threading.Event()
+
+    class BusyAdapter(FakeAdapter):
+        def reset(self):
+            step_done.wait(10)  # the adapter lock is held by a step
+            super().reset()
+
+    busy = BusyAdapter()
+    node.runner.adapter = busy
+    t0 = time.monotonic()
+    response = registry["services"]["~/reset_adaptation"](None, types.SimpleNamespace())
+    assert time.monotonic() - t0 < 0.5 and response.success and "requested" in response.message
+    assert busy.resets == 0
+    step_done.set()
+    deadline = time.monotonic() + 5
+    while busy.resets == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    response = registry["services"]["~/save_checkpoint"](None, types.SimpleNamespace())
+    assert response.success and "adapted.safetensors" in response.message
+    node.shutdown()
+
 
 # ------------------------------------------------------------------------------- the real node
 
@@ -570,14 +635,13 @@ def test_node_labels_a_played_bag(small_bag, tmp_path):
         pytest.skip("the ros2 command (ros2bag) is not on PATH")
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import PointCloud2
-    from test_models_runtime import header, small_model
+    from fakes import header, small_model
 
     from pl3d_ros.models.checkpoint import save_checkpoint
 
     model_path = save_checkpoint(tmp_path / "small.safetensors", small_model(), header())
     node_cmd = [sys.executable, "-m", "pl3d_ros.node", "--ros-args", "--params-file", str(PARAMS),
-                "-p", f"runtime.model:={model_path}", "-p", "sensor.rows:=16",
-                "-p", "sensor.cols:=64", "-p", "adapt.method:=source", "-p", "use_sim_time:=true",
+                "-p", f"runtime.model:={model_path}", "-p", "adapt.method:=source", "-p", "use_sim_time:=true",
                 "-r", "~/input/image:=/camera/image_raw",
                 "-r", "~/input/camera_info:=/camera/camera_info",
                 "-r", "~/input/pointcloud:=/lidar/points"]

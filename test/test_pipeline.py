@@ -6,10 +6,11 @@ import pytest
 from pl3d_ros.frame import CameraModel
 from pl3d_ros.geometry import project_points
 from pl3d_ros.io.kitti import KittiSequence
-from pl3d_ros.pipeline import Segmenter, fit_camera
+from pl3d_ros.inputs import fit_camera
+from pl3d_ros.pipeline import Segmenter
 from pl3d_ros.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from pl3d_ros.runtime.torch_backend import TorchBackend
-from test_models_runtime import header, small_model
+from fakes import header, small_model
 
 
 def test_fit_camera_scales_then_crops_like_the_image():

@@ -1,4 +1,5 @@
-"""pl3d replay end to end on a short real bag: deterministic lockstep, outputs, realtime mode."""
+"""pl3d replay end to end: deterministic lockstep and outputs on a short real bag; realtime mode and
+the weight deployer on a synthetic one."""
 
 import json
 
@@ -8,7 +9,7 @@ import pytest
 from pl3d_ros.config import Config
 from pl3d_ros.eval.replay import SEGMENTATION_TOPIC, VISUALIZATION_TOPIC, ReplayOptions, replay
 from pl3d_ros.models.checkpoint import save_checkpoint
-from test_models_runtime import header, small_model
+from fakes import header, small_model
 
 pytestmark = pytest.mark.slow
 
@@ -28,10 +29,11 @@ def ckpt(tmp_path_factory):
     return save_checkpoint(path, small_model(), header())
 
 
-def _opts(**kw):
-    cfg = Config()
-    cfg.adapt.swap_every_steps = 1  # short stream: swap after every step so adaptation shows
-    return ReplayOptions(backend="torch", threads=1, config=cfg, **kw)
+def _opts(method="full", **kw):
+    # short stream: swap after every step so adaptation shows
+    cfg = Config().replace(**{"adapt.method": method, "adapt.swap_every_steps": 1,
+                              "runtime.backend": "torch", "runtime.threads": 1})
+    return ReplayOptions(config=cfg, **kw)
 
 
 def test_lockstep_replay_is_deterministic_and_writes_its_report(short_bag, ckpt, tmp_path):
@@ -66,10 +68,35 @@ def test_source_replay_scores_the_undeployed_model_and_seed_changes_corruption(s
     assert s1["miou_per_frame"] != s2["miou_per_frame"]  # other beams dropped
 
 
-def test_two_inputs_play_as_one_stream_and_realtime_mode_accounts_for_every_frame(short_bag, ckpt, tmp_path):
-    m = replay([short_bag, short_bag], ckpt, tmp_path / "rt", _opts(method="tent", mode="realtime", plots=False))
+def test_two_inputs_play_as_one_stream_and_realtime_mode_accounts_for_every_frame(synthetic_bag, ckpt, tmp_path):
+    m = replay([synthetic_bag, synthetic_bag], ckpt, tmp_path / "rt", _opts(method="tent", mode="realtime", plots=False))
     runner = m["runner"]
     assert runner["frames_in"] == 6
     assert runner["frames_out"] + runner["frames_dropped"] + runner["frames_failed"] == 6
     assert m["frames"] == runner["frames_out"] >= 1
     assert np.isfinite(m["miou"]["fused"])
+
+
+def test_realtime_replay_deploys_weights_on_the_deployer_thread(synthetic_bag, ckpt, tmp_path, monkeypatch):
+    """Realtime replay runs the node's runner: the (niced) adaptation thread hands its weights to
+    the app's WeightDeployer, whose normal-priority thread runs backend.swap_weights."""
+    import threading
+
+    from pl3d_ros.cpu_budget import thread_nice
+    from pl3d_ros.runtime.torch_backend import TorchBackend
+
+    calls = []
+    real = TorchBackend.swap_weights
+
+    def recording(self, state_dict):
+        calls.append((threading.current_thread().name, thread_nice()))
+        return real(self, state_dict)
+
+    monkeypatch.setattr(TorchBackend, "swap_weights", recording)
+    base_nice = thread_nice()
+    m = replay([synthetic_bag, synthetic_bag], ckpt, tmp_path / "rt", _opts(method="tent", mode="realtime",
+                                                                             plots=False, write_bag=False))
+    assert m["adapt_steps"] >= 1 and calls, m["runner"]
+    assert {name for name, _ in calls} == {"pl3d-deploy"}
+    if base_nice is not None:
+        assert {nice for _, nice in calls} == {base_nice}  # not the adaptation thread's +10

@@ -680,3 +680,45 @@ def test_error_hierarchy():
     assert issubclass(rm.CloudError, rm.MessageError)
     assert issubclass(rm.ImageError, rm.MessageError)
     assert issubclass(rm.MessageError, ValueError)
+
+
+def test_p_disagreeing_with_k_warns_once_per_calibration(ts, fac, caplog):
+    rm._warned_calibrations.clear()
+    Kp = K.copy()
+    Kp[0, 0] += 5.0  # P's focal length 5 px off K's
+    P_bad = np.hstack([Kp, np.zeros((3, 1))])
+    with caplog.at_level(logging.WARNING, logger="pl3d_ros.io.ros_msgs"):
+        # distorted camera: P is the rectified matrix and may differ from K: no warning
+        rm.camera_model_from_info(cdr(ts, _info(fac, P_bad)), np.eye(4))
+        assert not caplog.records
+        # no distortion, R = I: P and K describe one image, so they must agree
+        for _ in range(3):
+            cam = rm.camera_model_from_info(cdr(ts, _info(fac, P_bad, d=(0, 0, 0, 0, 0))), np.eye(4))
+        assert np.array_equal(cam.K, K)  # K is used
+        assert len(caplog.records) == 1 and "differs from K" in caplog.text
+        Kp[1, 1] += 1.0  # another calibration: warned once more
+        rm.camera_model_from_info(cdr(ts, _info(fac, np.hstack([Kp, np.zeros((3, 1))]), d=(0,) * 5)),
+                                  np.eye(4))
+        assert len(caplog.records) == 2
+        # agreeing within the tolerance: nothing
+        rm.camera_model_from_info(cdr(ts, _info(fac, np.hstack([K + 1e-5, np.zeros((3, 1))]), d=(0,) * 5)),
+                                  np.eye(4))
+        assert len(caplog.records) == 2
+
+
+def test_huge_field_count_and_excess_data_are_cloud_errors():
+    f = types.SimpleNamespace
+    for count, point_step, n in [(2**31, 2**32 - 1, 1), (2**31, 16, 0), (2**32 - 1, 2**32 - 1, 1)]:
+        msg = ns_cloud(width=n, point_step=point_step, row_step=point_step * n, data=bytes(16),
+                       fields=[f(name="x", offset=0, datatype=2, count=count),
+                               f(name="y", offset=4, datatype=7, count=1),
+                               f(name="z", offset=8, datatype=7, count=1)])
+        with pytest.raises(rm.CloudError, match="count"):
+            rm.cloud_to_points(msg)
+    # PointCloud2.msg: data is row_step * height bytes. A width smaller than the data is refused.
+    msg = ns_cloud(width=2, row_step=24, data=bytes(36))
+    with pytest.raises(rm.CloudError, match="36 bytes, more than height \\* row_step = 1 \\* 24"):
+        rm.cloud_to_points(msg)
+    with pytest.raises(rm.CloudError, match="more than"):
+        rm.cloud_to_array(ns_cloud(width=0, row_step=0, data=bytes(12)))
+    assert rm.cloud_to_points(ns_cloud())[0].shape == (2, 4)  # exactly row_step * height: fine

@@ -1,8 +1,8 @@
 """Runner: latest-frame slot, inference thread, adapter hand-off, thread budget, health (no ROS).
 
-Frames come from a 4-frame bag written from the real SemanticKITTI sample; most tests use fake
-segmenters (sleep / gate / fake clock) so that timing-dependent properties are checked without
-depending on this machine's speed, and one test runs a real (small) Segmenter end to end.
+Frames are synthetic (test/fakes.py: no dataset needed); most tests use fake segmenters (sleep /
+gate / fake clock) so that timing-dependent properties are checked without depending on this
+machine's speed, and one test runs a real (small) Segmenter end to end.
 """
 
 from __future__ import annotations
@@ -15,141 +15,21 @@ import numpy as np
 import pytest
 import torch
 
+from fakes import (NS, ClockedSegmenter, FakeAdapter, FakeClock, GatedSegmenter, SleepySegmenter, clone,
+                   fake_prediction, header, small_model, wait_for)
 from pl3d_ros.config import Config
-from pl3d_ros.frame import Frame, Prediction
-from pl3d_ros.runner import (ERROR, OK, WARN, LatestSlot, Runner, RunnerSettings, ThreadBudget,
-                             output_arrays, thread_nice)
-
-# ------------------------------------------------------------------------------------ fixtures
+from pl3d_ros.cpu_budget import ThreadBudget, WeightDeployer, thread_nice
+from pl3d_ros.frame import Frame
+from pl3d_ros.health import ERROR, OK, WARN
+from pl3d_ros.io.frames import output_arrays
+from pl3d_ros.runner import LatestSlot, Runner, RunnerSettings
 
 
 @pytest.fixture(scope="module")
-def bag_frames(tmp_path_factory, kitti00) -> list[Frame]:
-    """The first 4 frames of sequence 00, written to a bag and read back (the node's input path)."""
-    from pl3d_ros.io.bag import BagReader
-    from pl3d_ros.io.kitti import sequence_to_bag
+def bag_frames(synthetic_frames) -> list[Frame]:
+    """Four synthetic frames: the runner's tests need no dataset."""
+    return synthetic_frames
 
-    bag = tmp_path_factory.mktemp("runner") / "s00_4"
-    sequence_to_bag(kitti00, bag, max_frames=4)
-    frames = list(BagReader(bag).frames())
-    assert len(frames) == 4
-    return frames
-
-
-def clone(frame: Frame, stamp_ns: int, seq: int = 0) -> Frame:
-    """A new Frame object sharing the arrays (so a producer can make many cheaply)."""
-    return Frame(stamp_ns, frame.points, frame.image, frame.camera, seq=seq,
-                 lidar_frame_id=frame.lidar_frame_id)
-
-
-def fake_prediction(frame: Frame, ms: float = 1.0) -> Prediction:
-    n = frame.num_points
-    return Prediction(np.zeros(n, np.uint8), np.ones(n, np.float32), np.zeros(n, bool),
-                      np.zeros((0, 2), np.float32), np.zeros((n, 2), np.float32),
-                      {"preprocess": ms / 2, "inference": ms / 2, "postprocess": 0.0,
-                       "total": ms}, frame.stamp_ns)
-
-
-class SleepySegmenter:
-    """infer takes ``delay_s`` of wall time; records the stamps it was given, in order."""
-
-    def __init__(self, delay_s: float) -> None:
-        self.delay_s = delay_s
-        self.seen: list[int] = []
-
-    def infer(self, frame: Frame) -> Prediction:
-        self.seen.append(frame.stamp_ns)
-        time.sleep(self.delay_s)
-        return fake_prediction(frame, self.delay_s * 1e3)
-
-
-class GatedSegmenter:
-    """infer blocks until released (once per frame): frames can be queued deterministically."""
-
-    def __init__(self) -> None:
-        self.entered = threading.Semaphore(0)
-        self.release = threading.Semaphore(0)
-        self.seen: list[int] = []
-
-    def infer(self, frame: Frame) -> Prediction:
-        self.seen.append(frame.stamp_ns)
-        self.entered.release()
-        assert self.release.acquire(timeout=10)
-        return fake_prediction(frame)
-
-
-class FakeClock:
-    """Monotonic seconds that only move when told (the segmenter advances it)."""
-
-    def __init__(self) -> None:
-        self.t = 1000.0
-        self.lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self.lock:
-            return self.t
-
-    def advance(self, ms: float) -> None:
-        with self.lock:
-            self.t += ms / 1e3
-
-
-class ClockedSegmenter:
-    """Takes exactly ``durations_ms[i]`` on the fake clock for its i-th frame."""
-
-    def __init__(self, clock: FakeClock, durations_ms: list[float]) -> None:
-        self.clock = clock
-        self.durations = list(durations_ms)
-
-    def infer(self, frame: Frame) -> Prediction:
-        ms = self.durations.pop(0)
-        self.clock.advance(ms)
-        return fake_prediction(frame, ms)
-
-
-class FakeAdapter:
-    """Implements the adapter interface; ``fail_offer`` makes every offer raise."""
-
-    def __init__(self, fail_offer: bool = False) -> None:
-        self.fail_offer = fail_offer
-        self.offered: list[int] = []
-        self.started = self.stopped = 0
-        self.resets = 0
-        self.saved: list[str] = []
-
-    def offer(self, frame: Frame) -> None:
-        if self.fail_offer:
-            raise RuntimeError("adapter buffer exploded")
-        self.offered.append(frame.stamp_ns)
-
-    def start(self) -> None:
-        self.started += 1
-
-    def stop(self, timeout_s: float) -> bool:
-        self.stopped += 1
-        return True
-
-    def health(self) -> dict:
-        return {"steps": 7, "frames_offered": len(self.offered), "errors": 0, "last_error": None,
-                "weight_swaps": 1, "pseudo_label_density": 0.4}
-
-    def reset(self) -> None:
-        self.resets += 1
-
-    def save(self, path) -> str:
-        self.saved.append(str(path))
-        return str(path)
-
-
-def wait_for(cond, timeout=10.0, step=0.005) -> None:
-    t_end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > t_end:
-            raise AssertionError("condition not reached in time")
-        time.sleep(step)
-
-
-NS = 1_000_000_000
 
 # ------------------------------------------------------------------------------------ the slot
 
@@ -303,7 +183,7 @@ def test_adapter_gets_frames_and_its_health_is_merged(bag_frames):
     finally:
         assert runner.stop(5.0)
     h = runner.health()
-    assert h.adaptation["steps"] == 7 and h.adaptation["pseudo_label_density"] == 0.4
+    assert h.adaptation.steps == 7 and h.adaptation.pseudo_label_density == 0.4
     assert h.adaptation_status()[0] == OK and "7 adaptation steps" in h.adaptation_status()[1]
     assert h.adaptation_values()["pseudo_label_density"] == "0.400"
     assert adapter.resets == 1 and adapter.stopped == 1
@@ -490,23 +370,20 @@ def test_adapter_threads_get_their_budget_and_inference_keeps_its_own(bag_frames
 
 
 def test_weight_swaps_run_on_a_normal_priority_thread(bag_frames):
-    """With a niced adapter, backend.swap_weights runs on the runner's swap thread (so engine
-    threads it creates are not niced) and the backend gets its own method back on stop."""
+    """With a niced adapter, the deployer runs backend.swap_weights on its own thread, started
+    at normal priority where the pipeline was built (so engine threads a swap creates are not
+    niced); the runner closes it on stop, after which a deploy runs on the caller's thread."""
     calls: list[tuple[str, int | None, object]] = []
 
-    class Backend:
-        def swap_weights(self, state_dict):
-            calls.append((threading.current_thread().name, thread_nice(), state_dict))
+    def swap_weights(state_dict):
+        calls.append((threading.current_thread().name, thread_nice(), state_dict))
 
-    class Seg(GatedSegmenter):
-        backend = Backend()
-
-    seg = Seg()
+    deployer = WeightDeployer(swap_weights)
 
     class SwappingAdapter(FakeAdapter):
         def start(self):
             def work():
-                seg.backend.swap_weights({"w": 1})  # as the real adapter does, every m steps
+                deployer({"w": 1})  # as the real adapter does, every m steps
                 self.done = True
 
             self.t = threading.Thread(target=work)
@@ -518,16 +395,16 @@ def test_weight_swaps_run_on_a_normal_priority_thread(bag_frames):
 
     base_nice = thread_nice()
     adapter = SwappingAdapter()
-    runner = Runner(seg, None, adapter,
+    runner = Runner(GatedSegmenter(), None, adapter, deployer=deployer,
                     settings=RunnerSettings(threads=ThreadBudget(0, 0, adapt_nice=5)))
     runner.start()
     wait_for(lambda: getattr(adapter, "done", False))
     assert runner.stop(5.0)
-    assert calls and calls[0][0] == "pl3d-swap" and calls[0][2] == {"w": 1}
+    assert calls and calls[0][0] == "pl3d-deploy" and calls[0][2] == {"w": 1}
     if base_nice is not None:
         assert calls[0][1] == base_nice
-    assert "swap_weights" not in vars(seg.backend)  # the instance attribute is gone again
-    seg.backend.swap_weights({"w": 2})
+        assert deployer.last_deploy_nice == base_nice
+    deployer({"w": 2})  # closed with the runner: runs on the caller's thread
     assert calls[-1][0] == threading.current_thread().name
 
 
@@ -537,8 +414,6 @@ def test_weight_swaps_run_on_a_normal_priority_thread(bag_frames):
 def test_real_segmenter_end_to_end_on_bag_frames(bag_frames):
     """A real Segmenter (small random network, torch backend) behind the runner; the output
     callback builds both output clouds the way the node does."""
-    from test_models_runtime import header, small_model
-
     from pl3d_ros.pipeline import Segmenter
     from pl3d_ros.runtime.torch_backend import TorchBackend
 
@@ -571,3 +446,39 @@ def test_real_segmenter_end_to_end_on_bag_frames(bag_frames):
     assert [t.stamp_ns for t in timings] == [c[0] for c in clouds]
     assert {"preprocess", "inference", "postprocess", "output", "total"} <= set(timings[0].stages_ms)
     assert health.pipeline_latency_ms_last is not None and health.pipeline_latency_ms_last >= 0.0
+
+
+def test_no_pipeline_latency_while_the_sim_clock_is_unset(bag_frames):
+    """With use_sim_time the ROS clock reads 0 until the first /clock message: no latency then."""
+    clock_ns = {"now": 0}
+    runner = Runner(SleepySegmenter(0.0), None, stamp_clock=lambda: clock_ns["now"])
+    runner.start()
+    try:
+        runner.submit(clone(bag_frames[0], 5 * NS))
+        wait_for(lambda: runner.health().frames_out == 1)
+        assert runner.health().pipeline_latency_ms_last is None
+        clock_ns["now"] = 6 * NS
+        runner.submit(clone(bag_frames[1], 5 * NS + 1))
+        wait_for(lambda: runner.health().frames_out == 2)
+        assert runner.health().pipeline_latency_ms_last == pytest.approx(1000.0, abs=1e-3)
+    finally:
+        assert runner.stop(5.0)
+
+
+def test_background_service_work_returns_at_once():
+    gate = threading.Event()
+
+    class Slow(FakeAdapter):
+        def reset(self):
+            gate.wait(10)
+            super().reset()
+
+    adapter = Slow()
+    runner = Runner(SleepySegmenter(0.0), None, adapter)
+    t0 = time.monotonic()
+    fut = runner.in_background("reset_adaptation", runner.reset_adaptation)
+    assert time.monotonic() - t0 < 0.2 and not fut.done()
+    gate.set()
+    fut.result(timeout=5)
+    assert adapter.resets == 1
+    runner.stop(1.0)

@@ -12,7 +12,7 @@ from pl3d_ros.labels import load_class_set
 from pl3d_ros.models.checkpoint import load_checkpoint
 from pl3d_ros.train.augment import AugmentConfig, augment_points
 from pl3d_ros.train.trainer import TrainConfig, class_weights, make_sample, state_path, train
-from test_models_runtime import SENSOR, SMALL
+from fakes import SENSOR, SMALL
 
 
 def test_confusion_iou_by_hand():
@@ -69,13 +69,14 @@ def test_sample_labels_follow_points_through_a_mirrored_crop(frames):
     ids = cs.to_train_ids(frames[0].labels)
     cfg = AugmentConfig(image_flip=1.0)
     s = make_sample(frames[0], ids, SMALL, SENSOR, cfg, np.random.default_rng(0))
-    assert s.image.shape == (3, SMALL.image_height, SMALL.image_width)
-    assert s.range_image.shape == (5, SENSOR.rows, SENSOR.cols)
-    assert len(s.target_2d) == len(s.uv) > 0 and s.target.shape[0] == frames[0].num_points
-    assert (s.uv[:, 0] >= -0.5).all() and (s.uv[:, 0] <= SMALL.image_width - 0.5).all()
+    x = s.inputs
+    assert x.image.shape == (1, 3, SMALL.image_height, SMALL.image_width)
+    assert x.range_image.shape == (1, 5, SENSOR.rows, SENSOR.cols)
+    assert len(s.target_2d) == len(x.uv) > 0 and s.target.shape[0] == frames[0].num_points
+    assert (x.uv[:, 0] >= -0.5).all() and (x.uv[:, 0] <= SMALL.image_width - 0.5).all()
     plain = make_sample(frames[0], ids, SMALL, SENSOR, AugmentConfig(image_flip=0.0), np.random.default_rng(0))
     # same draws up to the flip decision: mirrored u = (w - 1) - u
-    np.testing.assert_allclose(s.uv[:, 0].numpy(), SMALL.image_width - 1 - plain.uv[:, 0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(x.uv[:, 0].numpy(), SMALL.image_width - 1 - plain.inputs.uv[:, 0].numpy(), atol=1e-4)
 
 
 def _train(frames, out, epochs, resume=False):

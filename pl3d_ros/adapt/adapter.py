@@ -1,10 +1,13 @@
 """The adapter: frames in, adapted weights out, on a background thread or in lockstep.
 
-    adapter = Adapter(model, header, cfg, on_weights=segmenter.backend.swap_weights)
+    adapter = Adapter(model, header, cfg, on_weights=deployer)   # app.build makes both
     # realtime (the node): never blocks the inference thread
-    adapter.start(); ...; adapter.offer(frame); ...; adapter.stop(5.0)
+    adapter.start(); ...; adapter.offer(frame, pred.inputs); ...; adapter.stop(5.0)
     # lockstep (offline replay): score frame t with the deployed weights, then adapt on it
-    pred = segmenter.infer(frame); adapter.step(frame)
+    pred = segmenter.infer(frame); adapter.step(frame, pred.inputs)
+
+Each frame is prepared once (``method.prepare``: the frame's work) and then stepped on
+(``method.step``), on the network inputs inference already made when they are handed over.
 
 Every ``swap_every_steps`` adaptation steps the teacher's weights go to ``on_weights`` (a CPU
 copy, so the receiver may keep it). After a restore to the source (collapse guard, ``reset``)
@@ -26,11 +29,13 @@ from typing import Any, Callable
 
 import torch
 
-from pl3d_ros.adapt.batch import make_batch
-from pl3d_ros.adapt.methods import Method, build_method
+from pl3d_ros.adapt.methods import Method, NonFiniteOutputs, build_method
 from pl3d_ros.adapt.quality import QualityTotals
+from pl3d_ros.adapt.state import frame_state
 from pl3d_ros.config import Config
 from pl3d_ros.frame import Frame
+from pl3d_ros.health import AdapterHealth
+from pl3d_ros.inputs import NetworkInputs
 from pl3d_ros.models.checkpoint import CheckpointError, CheckpointHeader, load_checkpoint, save_checkpoint
 from pl3d_ros.models.two_stream import TwoStreamNet
 
@@ -71,7 +76,7 @@ class Adapter:
         # a step (which holds _lock for seconds) updates them: a small lock of their own.
         self._stats_lock = threading.Lock()
         self._cond = threading.Condition()  # guards the frame buffer
-        self._buffer: deque[Frame] = deque()
+        self._buffer: deque[tuple[Frame, NetworkInputs | None]] = deque()
         self._thread: threading.Thread | None = None
         self._stop_event = threading.Event()
 
@@ -121,10 +126,11 @@ class Adapter:
         """The network being deployed (do not modify; read under no concurrent step)."""
         return self.method.teacher
 
-    def step(self, frame: Frame) -> dict[str, Any]:
-        """Adapt on one frame: cfg.adapt.steps_per_frame inner steps (capped by the method), then
-        swaps and checkpoints when due. Never raises: a failure is counted and undone, and the
-        returned stats hold ``error``."""
+    def step(self, frame: Frame, inputs: NetworkInputs | None = None) -> dict[str, Any]:
+        """Adapt on one frame: prepare it, then cfg.adapt.steps_per_frame steps (capped by the
+        method), then swaps and checkpoints when due. ``inputs``: the network inputs inference
+        made for this frame (prepared here when None). Never raises: a failure is counted and
+        undone, and the returned stats hold ``error``."""
         if not self.method.adapts:  # source: nothing to learn, no per-frame work
             self._frames += 1
             return {}
@@ -136,20 +142,21 @@ class Adapter:
             stats: dict[str, Any] = {}
             try:
                 snap = self.method.snapshot()
-                batch = make_batch(frame, self.header, self.device, index)
-                rounds = self.cfg.adapt.steps_per_frame
-                if self.method.max_rounds is not None:
-                    rounds = min(rounds, self.method.max_rounds)
-                for r in range(rounds):
-                    batch.round = r
-                    round_stats = self.method.step(batch)
-                    self._after_step(round_stats)
-                    stats.update(round_stats)  # frame-level stats of round 0 + the last round's losses
-                    if batch.cache.get("skip"):  # restored to the source: no more rounds here
-                        break
-                if "stages" in batch.cache:
+                state = frame_state(frame, self.header, self.device, index, inputs)
+                self.method.prepare(state)
+                stats.update(state.stats)
+                if state.collapsed:
+                    self._after_step(collapsed=True, stats=stats)
+                else:
+                    steps = self.cfg.adapt.steps_per_frame
+                    if self.method.max_steps_per_frame is not None:
+                        steps = min(steps, self.method.max_steps_per_frame)
+                    for _ in range(steps):
+                        stats.update(self.method.step(state).as_dict())  # the last step's losses
+                        self._after_step()
+                if state.labels is not None:
                     with self._stats_lock:
-                        stats.update(self.quality.add(batch.cache["stages"], batch.gt, batch.in_view))
+                        stats.update(self.quality.add(state.labels.stages(), state.gt, state.in_view))
             except Exception as exc:  # noqa: BLE001 - the adaptation thread must never die
                 self._count_error()
                 self._last_error = f"{type(exc).__name__}: {exc}"
@@ -159,23 +166,29 @@ class Adapter:
                         self.method.rollback(snap)
                     except Exception:  # noqa: BLE001
                         log.error("rollback failed:\n%s", traceback.format_exc())
+                if isinstance(exc, NonFiniteOutputs):
+                    # The weights deployed before this frame are broken: rolling back keeps them.
+                    log.error("the deployed network computes non-finite outputs: restoring the source")
+                    self.method.reset()
+                    self._restores += 1
+                    self._emit_weights()
                 stats = {"error": self._last_error}
             self._last_step_ms = (time.perf_counter() - t0) * 1e3
             stats["ms"] = self._last_step_ms
             self._last_stats = stats
             return stats
 
-    def _after_step(self, stats: dict[str, Any]) -> None:
-        """Counters, weight hand-off and periodic checkpoint after one inner step."""
-        if not self.method.adapts:
-            return
+    def _after_step(self, collapsed: bool = False, stats: dict[str, Any] | None = None) -> None:
+        """Counters, weight hand-off and periodic checkpoint after one step; a collapse restore
+        counts as the frame's step and deploys the source at once."""
         self._steps += 1
-        if stats.get("collapse"):
+        if collapsed:
             self._collapse_restores += 1
             self._restores += 1
+            st = stats or {}
             log.warning("collapse guard fired (class share %.3f, disagreement with source %.3f): "
-                        "teacher and student restored to the source", stats.get("class_share", float("nan")),
-                        stats.get("disagreement", float("nan")))
+                        "teacher and student restored to the source", st.get("class_share", float("nan")),
+                        st.get("disagreement", float("nan")))
             self._emit_weights()
         elif self._steps % self.cfg.adapt.swap_every_steps == 0:
             self._emit_weights()
@@ -186,8 +199,15 @@ class Adapter:
     def _emit_weights(self) -> None:
         if self.on_weights is None:
             return
+        state = self.method.models.teacher_state()
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:  # never deploy NaN / inf (the step checks already; this guards every path)
+            self._count_error()
+            self._last_error = f"non-finite weights not deployed: {', '.join(bad[:3])}"
+            log.error("%s", self._last_error)
+            return
         try:
-            self.on_weights(self.method.models.teacher_state())
+            self.on_weights(state)
         except Exception as exc:  # noqa: BLE001 - a failed swap leaves the old weights deployed
             self._count_error()
             self._last_error = f"on_weights: {type(exc).__name__}: {exc}"
@@ -205,15 +225,16 @@ class Adapter:
 
     # -- realtime ---------------------------------------------------------------------------------
 
-    def offer(self, frame: Frame) -> None:
-        """Non-blocking hand-over from the inference thread; the oldest frame is dropped when the
-        buffer (cfg.adapt.buffer_frames) is full."""
+    def offer(self, frame: Frame, inputs: NetworkInputs | None = None) -> None:
+        """Non-blocking hand-over from the inference thread (with the network inputs inference
+        made, if any); the oldest frame is dropped when the buffer (cfg.adapt.buffer_frames) is
+        full."""
         with self._cond:
             self._frames_offered += 1
             if len(self._buffer) >= self.cfg.adapt.buffer_frames:
                 self._buffer.popleft()
                 self._frames_dropped += 1
-            self._buffer.append(frame)
+            self._buffer.append((frame, inputs))
             self._cond.notify()
 
     def start(self) -> None:
@@ -236,11 +257,11 @@ class Adapter:
                     return
                 # The newest frame: adapt to where the robot is now. The older ones are stale
                 # by the time this step ends; they are dropped rather than trained on backwards.
-                frame = self._buffer.pop()
+                frame, inputs = self._buffer.pop()
                 self._frames_dropped += len(self._buffer)
                 self._buffer.clear()
             try:
-                self.step(frame)
+                self.step(frame, inputs)
             except BaseException:  # noqa: BLE001 - step() never raises; belt and braces
                 self._count_error()
                 self._last_error = traceback.format_exc(limit=1)
@@ -278,36 +299,22 @@ class Adapter:
 
     # -- reporting and persistence --------------------------------------------------------------
 
-    def health(self) -> dict[str, Any]:
-        """Counters and the last step's pseudo-label density (and precision where the frame had
+    def health(self) -> AdapterHealth:
+        """Counters and the last frame's pseudo-label density (and precision where the frame had
         ground truth)."""
         with self._cond:
             buffered = len(self._buffer)
         last = self._last_stats
-        out: dict[str, Any] = {
-            "method": self.cfg.adapt.method,
-            "running": self.running,
-            "frames": self._frames,
-            "steps": self._steps,
-            "frames_offered": self._frames_offered,
-            "frames_dropped": self._frames_dropped,
-            "buffered": buffered,
-            "errors": self._errors,
-            "last_error": self._last_error,
-            "weight_swaps": self._weight_swaps,
-            "last_swap_time": self._last_swap_time,
-            "restores": self._restores,
-            "collapse_restores": self._collapse_restores,
-            "last_step_ms": self._last_step_ms,
-            "resumed_from": self.resumed_from,
-            "pseudo_label_density": last.get("filtered_density", last.get("base_density")),
-        }
-        for stage in ("base", "refined", "filtered"):
-            for k in ("density", "precision"):
-                key = f"{stage}_{k}"
-                if key in last:
-                    out[key] = last[key]
-        return out
+        stages = {f"{stage}_{k}": last[f"{stage}_{k}"] for stage in ("base", "refined", "filtered")
+                  for k in ("density", "precision") if f"{stage}_{k}" in last}
+        return AdapterHealth(
+            method=self.cfg.adapt.method, running=self.running, frames=self._frames, steps=self._steps,
+            frames_offered=self._frames_offered, frames_dropped=self._frames_dropped, buffered=buffered,
+            errors=self._errors, last_error=self._last_error, weight_swaps=self._weight_swaps,
+            last_swap_time=self._last_swap_time, restores=self._restores,
+            collapse_restores=self._collapse_restores, last_step_ms=self._last_step_ms,
+            resumed_from=self.resumed_from,
+            pseudo_label_density=last.get("filtered_density", last.get("base_density")), **stages)
 
     def pseudo_label_totals(self) -> dict[str, Any]:
         """Pseudo-label counts summed over every frame stepped (see adapt.quality.QualityTotals)."""

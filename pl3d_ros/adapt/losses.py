@@ -69,27 +69,14 @@ def negative_learning(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tens
     return -log_one_minus_q.mean()
 
 
-def prototype_distribution(features: torch.Tensor, prototypes: torch.Tensor, tau: float,
-                           valid: torch.Tensor | None = None) -> torch.Tensor:
-    """ERDA's soft pseudo-label p = softmax_c(cos(feature, prototype_c) / tau).
-
-    features: (N, F) (any scale: cosine normalises); prototypes: (C, F); valid: (C,) bool, classes
-    whose prototype exists (others get p = 0) -> (N, C). Differentiable in ``features``.
-    """
-    cos = F.normalize(features, dim=1) @ F.normalize(prototypes, dim=1).t()
-    scores = cos / tau
-    if valid is not None:
-        scores = scores.masked_fill(~valid[None, :], float("-inf"))
-    return scores.softmax(dim=1)
-
-
 def erda(features: torch.Tensor, prototypes: torch.Tensor, logits: torch.Tensor, *, tau: float = 1.0,
          lam: float = 1.0, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Entropy-regularised distribution alignment (section 3): mean of lam * H(p) + KL(p || q).
 
     features: (N, F) student features; prototypes: (C, F) class prototypes (constants);
-    logits: (N, C) student scores, q = softmax(logits); valid: (C,) bool, see
-    ``prototype_distribution`` -> (). No stop-gradient on p: the gradient reaches the features
+    logits: (N, C) student scores, q = softmax(logits); valid: (C,) bool, classes whose
+    prototype exists (others get p = 0) -> (). p = softmax_c(cos(feature, prototype_c) / tau).
+    No stop-gradient on p: the gradient reaches the features
     through p as well as the logits through q (ERDA's design). With lam = 1 the value is the
     cross-entropy -sum_c p_c log q_c.
     """

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pl3d_ros.adapt.batch import Batch
-from pl3d_ros.config import Config
+from pl3d_ros.adapt.state import FrameState
+from pl3d_ros.config import Config, RangeImageConfig
 
 
 def is_sam_provider(provider: Any) -> bool:
@@ -27,19 +27,21 @@ def is_sam_provider(provider: Any) -> bool:
 class RefinementStage:
     """Masks -> MLA (+ GAPP) -> components; and the connectivity filter over components.
 
+    sensor: the range-image geometry of the model (GAPP's vertical resolution).
     gapp: False runs naive MLA (every point of a kept mask takes its class).
     connectivity: whether ``filter`` runs the SeCo component filter (else keeps everything).
     mask_provider: any object with ``masks(image (H, W, 3) uint8) -> (H, W) int32``; None builds
     one from ``cfg.refine``.
     """
 
-    def __init__(self, cfg: Config, *, gapp: bool = True, connectivity: bool = True,
+    def __init__(self, cfg: Config, sensor: RangeImageConfig, *, gapp: bool = True, connectivity: bool = True,
                  mask_provider: Any = None, device: str = "cpu") -> None:
         from pl3d_ros import refine  # imported here: methods without refinement never need it
         from pl3d_ros.refine import connectivity as refine_connectivity
         from pl3d_ros.refine import masks as refine_masks
 
         self.cfg = cfg
+        self.sensor = sensor
         self.gapp = bool(gapp)
         self._refine = refine.refine_pseudo_labels
         self.provider = (mask_provider if mask_provider is not None
@@ -56,15 +58,15 @@ class RefinementStage:
         """Whether frame number ``index`` gets masks."""
         return index % self.every == 0
 
-    def refine(self, batch: Batch, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    def refine(self, state: FrameState, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """base (N,) int64 pseudo-labels (-1 none) -> (labels (N,) int64, component (N,) int64 -1
-        none, stats), on the batch's device."""
-        frame = batch.frame
-        pixels, depth, in_view = batch.camera_projection()
+        none, stats), on the frame's device."""
+        frame = state.frame
+        cam = state.camera_pixels()
         mask_image = np.asarray(self.provider.masks(frame.image), dtype=np.int32)
         result = self._refine(
-            np.ascontiguousarray(frame.points[:, :3], dtype=np.float32), depth, pixels, in_view,
-            mask_image, base.cpu().numpy().astype(np.int64), self.cfg.sensor, self.cfg.refine,
+            np.ascontiguousarray(frame.points[:, :3], dtype=np.float32), cam.depth, cam.pixels, cam.in_view,
+            mask_image, base.cpu().numpy().astype(np.int64), self.sensor, self.cfg.refine,
             gapp=self.gapp)
         dev = base.device
         labels = torch.from_numpy(np.asarray(result.labels, np.int64)).to(dev)

@@ -127,6 +127,9 @@ class TeacherStudent:
             p.requires_grad_(False)
         self.buffers = state_buffers(self.student)
         self.student.train()  # batch statistics + running-stat updates (module docstring)
+        for m in self.student.modules():  # ... but no dropout: a step must see the deployed network
+            if isinstance(m, nn.modules.dropout._DropoutNd):
+                m.eval()
         self.teacher.eval()
         self.optimizer_kind, self.lr, self.momentum = optimizer, float(lr), float(momentum)
         self.optimizer = self._new_optimizer()
@@ -136,10 +139,21 @@ class TeacherStudent:
         named = dict(self.student.named_parameters())
         return make_optimizer([named[n] for n in self.params], self.optimizer_kind, self.lr)
 
-    @property
-    def num_trainable(self) -> int:
-        named = dict(self.student.named_parameters())
-        return sum(named[n].numel() for n in self.params)
+    @torch.no_grad()
+    def nonfinite(self) -> list[str]:
+        """Names of trainable parameters or state buffers of student or teacher holding a NaN or
+        an infinity (empty when all are finite)."""
+        bad = []
+        for tag, net in (("student", self.student), ("teacher", self.teacher)):
+            named_p, named_b = dict(net.named_parameters()), dict(net.named_buffers())
+            for n in self.params:
+                if not bool(torch.isfinite(named_p[n]).all()):
+                    bad.append(f"{tag}.{n}")
+            for n in self.buffers:
+                t = named_b[n]
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    bad.append(f"{tag}.{n}")
+        return bad
 
     def update_teacher(self) -> None:
         """EMA with the Mean Teacher warm-up: momentum min(m, 1 - 1/(t + 1)) at update t, so on a

@@ -37,9 +37,6 @@ class ConfusionMatrix:
         self.matrix += np.bincount(gt * self.num_classes + pred,
                                    minlength=self.num_classes ** 2).reshape(self.matrix.shape)
 
-    def merge(self, other: ConfusionMatrix) -> None:
-        self.matrix += other.matrix
-
     @property
     def total(self) -> int:
         return int(self.matrix.sum())
@@ -55,9 +52,6 @@ class ConfusionMatrix:
         """Mean IoU in % over classes with a non-empty union (NaN when nothing was scored)."""
         iou = self.iou()
         return float(np.nanmean(iou) * 100) if np.isfinite(iou).any() else float("nan")
-
-    def accuracy(self) -> float:
-        return float(np.trace(self.matrix) / max(self.total, 1) * 100)
 
     def iou_dict(self, names: Sequence[str]) -> dict[str, float | None]:
         """{class: IoU in %} with None for classes that have no IoU (JSON-friendly)."""

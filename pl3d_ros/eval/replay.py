@@ -6,9 +6,14 @@ on one thread, frame after frame: reproducible with a seed. ``realtime`` runs th
 (inference thread + adaptation thread) with frames fed at their recorded rate, so slow adaptation
 means fewer steps and dropped inference frames count as they would on a robot.
 
+Unlabelled inputs (the normal case on a robot) are labelled, timed and their pseudo-labels
+measured; nothing is scored, and the report says so. No usable frame at all raises ReplayError.
+
 Writes into the output folder:
-    metrics.json    the keys of ``pl3d eval`` + method, corruption, mode, adapt_steps,
-                    weight_swaps, pseudo_labels {"base"|"refined"|"filtered": {density, precision}} (%)
+    metrics.json    the keys of ``pl3d eval`` (``frames``: the scored ones) + method, corruption,
+                    mode, adapt_steps, weight_swaps, pseudo_labels {"base"|"refined"|"filtered":
+                    {density, precision}} (%), frames_processed / frames_scored, and per input
+                    what was read and skipped by reason (inputs_read, frames_skipped)
     report.md       per-class tables and the run's settings
     miou_over_frames.png, confusion_fused.png, latency_hist.png
     labeled.mcap/   a ROS 2 bag: camera, CameraInfo, /tf_static, the segmentation cloud
@@ -17,7 +22,6 @@ Writes into the output folder:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -32,12 +36,10 @@ from pl3d_ros.config import Config
 from pl3d_ros.eval.corruptions import apply as apply_corruptions
 from pl3d_ros.eval.corruptions import parse_spec
 from pl3d_ros.eval.evaluate import score_prediction
-from pl3d_ros.eval.metrics import ConfusionMatrix, SegmentationScores, format_table
+from pl3d_ros.eval.metrics import ConfusionMatrix, SegmentationScores, format_table, percentiles
 from pl3d_ros.frame import Frame, Prediction
-from pl3d_ros.io.sources import open_source
-from pl3d_ros.models.checkpoint import load_checkpoint
-from pl3d_ros.pipeline import Segmenter
-from pl3d_ros.runtime.factory import create_backend
+from pl3d_ros.io.bag import BagTopics
+from pl3d_ros.io.sources import ReadOptions, describe_skips, frames_skipped, open_source
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +49,31 @@ VISUALIZATION_TOPIC = "/pl3d/output/pointcloud/visualization"
 
 @dataclass
 class ReplayOptions:
-    method: str = "full"
-    corrupt: str = ""  # e.g. "fog:3,night:2"
-    mode: str = "lockstep"  # lockstep | realtime
+    """How to replay (what to run is ``config``: adapt.method and its settings, runtime.backend,
+    runtime.threads, ...). corrupt: e.g. "fog:3,night:2"; mode: lockstep | realtime; seed: the
+    corruptions' and the adapter's; label: the run's name in tables and plots (default: the
+    method)."""
+
+    corrupt: str = ""
+    mode: str = "lockstep"
     seed: int = 0
-    backend: str = "onnxruntime"
-    threads: int = 0
     max_frames: int | None = None
     write_bag: bool = True
     plots: bool = True
-    label: str = ""  # name of the run in tables and plots (default: method)
+    label: str = ""
     config: Config = field(default_factory=Config)
+    topics: BagTopics = field(default_factory=BagTopics)  # slop and extrinsics: config sync / frames
+
+
+class ReplayError(RuntimeError):
+    """Nothing could be replayed (no usable frame in the inputs)."""
+
+
+def read_options(cfg: Config, topics: BagTopics | None = None) -> ReadOptions:
+    """Reading options from the settings: ``sync.slop_s``, ``frames.static_extrinsics``."""
+    ext = cfg.frames.static_extrinsics
+    return ReadOptions(topics or BagTopics(), cfg.sync.slop_s,
+                       np.asarray(ext, np.float64).reshape(4, 4) if ext else None)
 
 
 class LabeledBagWriter:
@@ -73,6 +89,7 @@ class LabeledBagWriter:
 
     def write(self, frame: Frame, pred: Prediction) -> None:
         from pl3d_ros.io import ros_msgs
+        from pl3d_ros.io.frames import output_arrays
         from pl3d_ros.transforms import invert
 
         w, f = self.writer, self.writer.factory
@@ -83,10 +100,8 @@ class LabeledBagWriter:
             self._tf_written = True
         w.write_frame(frame.stamp_ns, frame.points, frame.image, frame.camera, lidar, camera)
         header = ros_msgs.make_header(f, frame.stamp_ns, lidar)
-        seg = ros_msgs.segmentation_cloud_array(frame.points, pred.labels, pred.confidence)
+        seg, vis = output_arrays(frame, pred, self.class_set)
         w.write(SEGMENTATION_TOPIC, ros_msgs.make_cloud(f, header, seg), frame.stamp_ns)
-        vis = ros_msgs.segmentation_cloud_array(frame.points, pred.labels, pred.confidence,
-                                                rgb=self.class_set.colorize(pred.labels))
         w.write(VISUALIZATION_TOPIC, ros_msgs.make_cloud(f, header, vis), frame.stamp_ns)
 
     def close(self, ok: bool = True) -> None:
@@ -113,34 +128,35 @@ def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_di
     docstring); returns the metrics dict."""
     import torch
 
+    from pl3d_ros.app import build
+
     if opts.mode not in ("lockstep", "realtime"):
         raise ValueError(f"mode must be lockstep or realtime, got {opts.mode!r}")
+    cfg = opts.config.validate()
+    method = cfg.adapt.method
+    inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    reading = read_options(cfg, opts.topics)
+    sources = [open_source(p, reading) for p in inputs]  # fail early on a bad path, before the model loads
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-    cfg = dataclasses.replace(opts.config, adapt=dataclasses.replace(opts.config.adapt, method=opts.method))
-    cfg.validate()
-    model, header = load_checkpoint(checkpoint)
-    cfg.sensor = header.sensor  # the range image the network was trained on
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    torch.manual_seed(opts.seed)
+    # Lockstep runs everything on this thread: the backend takes runtime.threads as given;
+    # realtime splits the CPU as the node does (the thread budget).
+    app = build(cfg, checkpoint=checkpoint, seed=opts.seed,
+                threads=cfg.runtime.threads if opts.mode == "lockstep" else None)
+    header, seg, adapter, backend = app.header, app.segmenter, app.adapter, app.segmenter.backend
     class_set = header.class_set
     corruptions = parse_spec(opts.corrupt, sensor=header.sensor)
-    torch.manual_seed(opts.seed)
-    backend = create_backend(opts.backend, model, header, threads=opts.threads)
-    seg = Segmenter(backend, header)
-    adapter = None
-    if opts.method != "source":
-        from pl3d_ros.adapt.adapter import Adapter
-
-        adapter = Adapter(model, header, cfg, on_weights=backend.swap_weights, seed=opts.seed)
 
     scores = SegmentationScores(class_set.num_classes)
+    latency: dict[str, list[float]] = {}  # every frame's, scored or not
+    counts = {"processed": 0, "scored": 0}
     per_frame: list[float] = []
     running: list[float] = []
     adapt_ms: list[float] = []
     bag = LabeledBagWriter(out / "labeled.mcap", class_set) if opts.write_bag else None
-    inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
-    sources = [open_source(p) for p in inputs]  # fail early on a bad path
     input_name = " + ".join(str(p) for p in inputs)
 
     def frames():
@@ -162,7 +178,11 @@ def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_di
                 t += 1
 
     def record(frame: Frame, pred: Prediction) -> None:
+        counts["processed"] += 1
+        for stage, ms in pred.timings_ms.items():
+            latency.setdefault(stage, []).append(float(ms))
         if frame.labels is not None:
+            counts["scored"] += 1
             gt = score_prediction(scores, frame, pred, class_set)
             cm = ConfusionMatrix(class_set.num_classes)
             cm.update(pred.labels[pred.in_view], gt[pred.in_view])
@@ -171,7 +191,7 @@ def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_di
         if bag:
             bag.write(frame, pred)
         if progress:
-            progress(len(per_frame), {"miou": running[-1] if running else float("nan")})
+            progress(counts["processed"], {"miou": running[-1] if running else float("nan")})
 
     t_start = time.perf_counter()
     ok = False
@@ -182,32 +202,45 @@ def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_di
                 record(frame, pred)
                 if adapter is not None:
                     t0 = time.perf_counter()
-                    adapter.step(frame)
+                    adapter.step(frame, pred.inputs)
                     adapt_ms.append((time.perf_counter() - t0) * 1e3)
+                del pred
             runner_health: dict[str, Any] = {}
         else:
-            runner_health = _run_realtime(seg, adapter, frames(), record, cfg)
+            runner_health = _run_realtime(app, frames(), record)
         ok = True
     finally:
         if bag:
             bag.close(ok)
+        app.close()
     wall_s = time.perf_counter() - t_start
 
-    health = adapter.health() if adapter is not None else {}
+    inputs_read = [{"input": str(src.path), "kind": src.kind, **src.stats,
+                    "skip_reasons": describe_skips(src.stats)} for src in sources]
+    if counts["processed"] == 0:
+        raise ReplayError("no frame could be used: " + "; ".join(
+            f"{i['input']}: {i['skip_reasons']}" for i in inputs_read))
+    if counts["scored"] == 0:
+        log.warning("the inputs carry no ground-truth labels: frames were labelled and timed, nothing was scored")
+    health = adapter.health() if adapter is not None else None
     summary = scores.summary(class_set.names)
+    summary["latency_ms"] = {s: {k: round(v, 2) for k, v in percentiles(vals).items()} for s, vals in latency.items()}
     if adapt_ms:
         summary["latency_ms"]["adaptation"] = {k: round(float(np.percentile(adapt_ms, q)), 2)
                                                for k, q in (("p50", 50), ("p90", 90))}
     metrics = {
-        "input": input_name, "checkpoint": str(checkpoint), "method": opts.method,
-        "label": opts.label or opts.method, "corruption": opts.corrupt or "none", "mode": opts.mode,
+        "input": input_name, "checkpoint": str(app.checkpoint), "method": method,
+        "label": opts.label or method, "corruption": opts.corrupt or "none", "mode": opts.mode,
         "seed": opts.seed, "backend": backend.describe(),
         "steps_per_frame": cfg.adapt.steps_per_frame if opts.mode == "lockstep" else None,
-        "disabled_components": list(cfg.adapt.disable) if opts.method == "full" else [],
-        "adapt_steps": int(health.get("steps", 0)), "weight_swaps": int(backend.swaps),
-        "adapter_errors": int(health.get("errors", 0)),
-        "restores": {"collapse": int(health.get("collapse_restores", 0))},
+        "disabled_components": list(cfg.adapt.disable) if method == "full" else [],
+        "adapt_steps": health.steps if health else 0, "weight_swaps": int(backend.swaps),
+        "adapter_errors": health.errors if health else 0,
+        "restores": {"collapse": health.collapse_restores if health else 0},
         "pseudo_labels": _pseudo_label_summary(adapter.pseudo_label_totals() if adapter else None),
+        "frames_processed": counts["processed"], "frames_scored": counts["scored"],
+        "inputs_read": inputs_read,
+        "frames_skipped": sum(frames_skipped(i) for i in inputs_read),
         "wall_s": round(wall_s, 1),
         **summary,
         "miou_per_frame": [round(v, 2) for v in per_frame],
@@ -216,26 +249,27 @@ def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_di
     if runner_health:
         metrics["runner"] = runner_health
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    if opts.plots and per_frame:
+    if opts.plots:
         from pl3d_ros.eval.plots import plot_confusion, plot_latency, plot_series
 
-        plot_series({metrics["label"]: running}, out / "miou_over_frames.png",
-                    ylabel="running fused mIoU, in view (%)",
-                    title=f"{metrics['label']} ({metrics['corruption']})")
-        plot_confusion(np.asarray(summary["confusion"]["fused"]), class_set.names, out / "confusion_fused.png")
-        plot_latency(dict(scores.latency_ms) | ({"adaptation": adapt_ms} if adapt_ms else {}),
-                     out / "latency_hist.png")
+        if per_frame:
+            plot_series({metrics["label"]: running}, out / "miou_over_frames.png",
+                        ylabel="running fused mIoU, in view (%)",
+                        title=f"{metrics['label']} ({metrics['corruption']})")
+            plot_confusion(np.asarray(summary["confusion"]["fused"]), class_set.names, out / "confusion_fused.png")
+        plot_latency(latency | ({"adaptation": adapt_ms} if adapt_ms else {}), out / "latency_hist.png")
     (out / "report.md").write_text(markdown_report(metrics, class_set.names))
     return metrics
 
 
-def _run_realtime(seg: Segmenter, adapter, frames, record, cfg: Config) -> dict[str, Any]:
+def _run_realtime(app, frames, record) -> dict[str, Any]:
     """Feed frames at their recorded rate into the node's runner (inference + adaptation threads,
-    same thread budget and priorities as the node); frames that arrive while inference is busy
-    replace the waiting one and are counted as dropped, as on a robot."""
+    same thread budget, priorities and weight deployer as the node); frames that arrive while
+    inference is busy replace the waiting one and are counted as dropped, as on a robot."""
     from pl3d_ros.runner import Runner, RunnerSettings
 
-    runner = Runner(seg, record, adapter, settings=RunnerSettings.from_config(cfg, adapter is not None))
+    runner = Runner(app.segmenter, record, app.adapter, deployer=app.deployer,
+                    settings=RunnerSettings.from_config(app.cfg, app.adapter is not None))
     runner.start()
     try:
         t0_wall, t0_stamp = None, None
@@ -265,8 +299,13 @@ def markdown_report(metrics: dict[str, Any], names: list[str] | tuple[str, ...])
                                                  if metrics["disabled_components"] else ""),
              f"- corruption: {metrics['corruption']}; mode: {metrics['mode']}"
              + (f", {metrics['steps_per_frame']} adaptation step(s) per frame" if metrics["steps_per_frame"] else ""),
-             f"- frames: {metrics['frames']}, adaptation steps: {metrics['adapt_steps']}, "
+             f"- frames: {metrics['frames_processed']} labelled, {metrics['frames_scored']} scored"
+             + ("" if metrics["frames_scored"] else " (the inputs carry no ground-truth labels: nothing was scored)")
+             + f"; adaptation steps: {metrics['adapt_steps']}, "
              f"weight swaps: {metrics['weight_swaps']}, adapter errors: {metrics['adapter_errors']}",
+             "- inputs: " + "; ".join(f"`{i['input']}` {i['frames']} frames, {frames_skipped(i)} skipped"
+                                      + (f" ({i['skip_reasons']})" if frames_skipped(i) or i.get("truncated") else "")
+                                      for i in metrics["inputs_read"]),
              f"- wall time: {metrics['wall_s']} s", "",
              "## mIoU (%)", "", "| | fused | 2D | 3D |", "|---|---|---|---|",
              f"| in view | {metrics['miou']['fused']} | {metrics['miou']['2d']} | {metrics['miou']['3d']} |",

@@ -5,11 +5,20 @@ CameraInfo nearest that image, streaming: memory stays bounded by ``queue_size``
 the bag's length. Extrinsics come from /tf_static (any path through the tree between the cloud's
 and the camera's frames), from /tf when the bag has no static transforms, or from the caller.
 Everything that can go wrong with a real bag (missing topics, out-of-order or duplicate stamps,
-undecodable messages, truncation) is a clear BagError or a counted skip in ``SyncStats``.
+undecodable messages, truncation, corrupt MCAP chunks) is a clear BagError or a counted skip in
+``SyncStats``; every cloud that gives no Frame is counted under its reason.
+
+MCAP bags written here carry CRCs (chunk, data section, summary: ``io.mcap_chunks.add_crcs``,
+since rosbags writes none). MCAP bags are read chunk by chunk through the summary's chunk index
+(``io.mcap_chunks.McapChunkReader``): a chunk that fails its CRC, does not decompress or holds
+malformed records is skipped, what it held is counted from its message index, and reading goes
+on with the next chunk. Other bags (sqlite3, MCAP without a summary) are read by rosbags; there a
+failure mid-file ends the pass (``SyncStats.truncated``).
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import shutil
 from collections import deque
@@ -22,6 +31,8 @@ import numpy as np
 
 from pl3d_ros.frame import CameraModel, Frame, FrameError
 from pl3d_ros.io import ros_msgs
+from pl3d_ros.io.frames import frame_from_messages
+from pl3d_ros.io.mcap_chunks import ChunkError, McapChunkReader, McapFormatError, add_crcs
 from pl3d_ros.transforms import TransformError, TransformTree
 
 log = logging.getLogger(__name__)
@@ -50,13 +61,27 @@ def typestore(distro: str = "humble"):
 
 @dataclass
 class BagTopics:
-    """Topic names; None means: find the only topic of that type in the bag."""
+    """Topic names; None means: find the only topic of that type in the bag.
+
+    A default name that the bag lacks falls back to the bag's only topic of that type; a name in
+    ``required`` (one the user gave: ``--cloud-topic``) must be in the bag, or the read fails.
+    """
 
     image: str | None = "/camera/image_raw"
     camera_info: str | None = "/camera/camera_info"
     cloud: str | None = "/lidar/points"
     tf_static: str = "/tf_static"
     tf: str = "/tf"
+    required: frozenset[str] = frozenset()
+
+    @classmethod
+    def given(cls, image: str | None = None, camera_info: str | None = None,
+              cloud: str | None = None) -> BagTopics:
+        """The defaults, with the names a user gave replacing them and required to exist."""
+        named = {"image": image, "camera_info": camera_info, "cloud": cloud}
+        d = cls()
+        return cls(image or d.image, camera_info or d.camera_info, cloud or d.cloud,
+                   required=frozenset(k for k, v in named.items() if v))
 
 
 # ------------------------------------------------------------------------------------- writing
@@ -79,7 +104,8 @@ def _qos_profiles(transient_local: bool):
 
 
 class BagWriter:
-    """Writes a camera+LiDAR bag (MCAP or sqlite3, rosbag2 format version 8).
+    """Writes a camera+LiDAR bag (MCAP or sqlite3, rosbag2 format version 8). MCAP files get
+    their chunk, data-section and summary CRCs.
 
     The bag is written into a hidden folder beside ``path`` and renamed into place on a clean
     close, so an interrupted conversion never leaves a bag that looks complete.
@@ -118,9 +144,14 @@ class BagWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             self._writer.close()
-        finally:
+            if exc_type is None and self.storage == "mcap":
+                # rosbags writes every MCAP CRC as 0 ("not available"): fill them in before the
+                # bag is renamed into place, so a reader can tell altered bytes.
+                for mcap in (self._tmp_parent / self.path.name).glob("*.mcap"):
+                    add_crcs(mcap)
             if exc_type is None:
                 (self._tmp_parent / self.path.name).rename(self.path)
+        finally:
             shutil.rmtree(self._tmp_parent, ignore_errors=True)
 
     def _connection(self, topic: str, msgtype: str, transient_local: bool = False):
@@ -162,9 +193,43 @@ class BagWriter:
 # ------------------------------------------------------------------------------------- reading
 
 
+#: Skip records kept in ``SyncStats.skip_log`` / ``chunk_errors`` (the counts stay complete).
+MAX_SKIP_LOG = 1000
+
+#: Reasons a cloud gives no Frame (keys of ``SyncStats.skipped_frames``).
+SKIP_REASONS = ("corrupt_chunk", "undecodable", "out_of_order", "duplicate", "no_image",
+                "no_camera_info", "bad_frame")
+
+
 @dataclass
 class SyncStats:
-    """What a pass over a bag saw and why messages were skipped (all counts)."""
+    """What a pass over a bag saw and why messages were skipped.
+
+    Every cloud of the bag ends in exactly one place: a Frame (``synced - bad_frame`` of them),
+    or ``skipped_frames[reason]`` with ``reason`` one of :data:`SKIP_REASONS`:
+
+    - ``corrupt_chunk``: in an MCAP chunk that could not be used (CRC mismatch, decompression
+      failure, malformed records); counted from the chunk's message index;
+    - ``undecodable``: the CDR does not deserialise;
+    - ``out_of_order`` / ``duplicate``: stamped before / at the previous cloud's stamp;
+    - ``no_image``: no image within the slop; ``no_camera_info``: no CameraInfo seen yet;
+    - ``bad_frame``: the synced set is rejected (Frame / message validation, e.g. an image whose
+      size disagrees with its CameraInfo, a malformed cloud).
+
+    The one exception: the clouds of a corrupt chunk whose message index is unreadable too are
+    not known, ``lost_unknown_chunks`` counts such chunks. ``skip_log`` has one record per skipped
+    cloud ({"reason", "stamp_ns" (header stamp, None if the message was never read),
+    "log_time_ns", "detail"}) and ``chunk_errors`` one per skipped chunk ({"file", "offset",
+    "start_ns", "end_ns", "reason", "detail", "lost"}), the first :data:`MAX_SKIP_LOG` of each.
+    ``dropped_points``, ``dropped_far`` and ``zeroed_intensity`` sum what Frame construction
+    dropped or repaired in the frames produced (see ``frame.Frame``).
+
+    Message-level counts as before: ``clouds`` / ``images`` / ``camera_infos`` decoded,
+    ``duplicate`` clouds and images, ``undecodable`` messages of any topic, ``lost_messages``
+    per topic in corrupt chunks; ``truncated`` / ``error`` when a read through rosbags (sqlite3,
+    MCAP without a chunk index) broke off, after which nothing more is read or counted.
+    ``to_dict()`` is what a replay puts into metrics.json.
+    """
 
     clouds: int = 0
     images: int = 0
@@ -178,14 +243,38 @@ class SyncStats:
     bad_frame: int = 0  # synced set rejected by Frame validation (e.g. image size vs CameraInfo)
     truncated: bool = False  # the bag broke off while being read
     error: str | None = None
+    corrupt_chunks: int = 0  # MCAP chunks skipped
+    lost_unknown_chunks: int = 0  # of those, chunks whose message index is unreadable too
+    lost_messages: dict[str, int] = field(default_factory=dict)  # topic -> messages in them
+    skipped_frames: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+    skip_log: list[dict[str, Any]] = field(default_factory=list)
+    chunk_errors: list[dict[str, Any]] = field(default_factory=list)
+    summary_error: str | None = None  # an MCAP summary that fails its CRC
+    dropped_points: int = 0
+    dropped_far: int = 0
+    zeroed_intensity: int = 0
 
     @property
     def skipped(self) -> int:
+        """Messages skipped (clouds, images, CameraInfos together; kept for bag-info)."""
         return (self.no_image + self.no_camera_info + self.out_of_order + self.duplicate
-                + self.undecodable + self.bad_frame)
+                + self.undecodable + self.bad_frame + sum(self.lost_messages.values()))
+
+    @property
+    def frames_skipped(self) -> int:
+        """Clouds that gave no Frame, all reasons."""
+        return sum(self.skipped_frames.values())
+
+    def skip_frame(self, reason: str, stamp_ns: int | None, log_time_ns: int | None,
+                   detail: str = "") -> None:
+        """Count one cloud that gives no Frame (and log it in ``skip_log`` while there is room)."""
+        self.skipped_frames[reason] = self.skipped_frames.get(reason, 0) + 1
+        if len(self.skip_log) < MAX_SKIP_LOG:
+            self.skip_log.append({"reason": reason, "stamp_ns": stamp_ns,
+                                  "log_time_ns": log_time_ns, "detail": detail})
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "skipped": self.skipped}
+        return {**asdict(self), "skipped": self.skipped, "frames_skipped": self.frames_skipped}
 
 
 @dataclass
@@ -194,6 +283,7 @@ class _Synced:
     image: Any
     info: Any
     stamp_ns: int
+    log_time_ns: int | None = None
 
 
 @dataclass
@@ -226,6 +316,7 @@ class BagReader:
             raise BagError(f"bag {self.path} does not exist")
         if self.slop_s <= 0 or self.queue_size < 1:
             raise BagError(f"slop_s must be > 0 and queue_size >= 1, got {self.slop_s}, {self.queue_size}")
+        self._reset(None)
 
     # -- opening --------------------------------------------------------------------------------
 
@@ -259,21 +350,22 @@ class BagReader:
             by_type.setdefault(msgtype, set()).add(topic)
 
         def pick(name: str | None, msgtype: str, role: str) -> str:
+            listing = ", ".join(f"{t} [{m}]" for t, m in sorted(present.items())) or "none"
             if name and name in present:
                 if present[name] != msgtype:
                     raise BagError(f"{role} topic {name} has type {present[name]}, expected {msgtype}")
                 return name
+            if name and role in self.topics.required:
+                raise BagError(f"bag {self.path} has no {role} topic {name}; topics: {listing}")
             candidates = sorted(by_type.get(msgtype, ()))
             if len(candidates) == 1:
                 if name:
                     log.info("%s topic %s not in the bag; using %s", role, name, candidates[0])
                 return candidates[0]
-            listing = ", ".join(f"{t} [{m}]" for t, m in sorted(present.items())) or "none"
             if not candidates:
                 raise BagError(f"bag {self.path} has no {msgtype} topic for the {role}; topics: {listing}")
-            raise BagError(
-                f"bag {self.path} has several {msgtype} topics {candidates}; name the {role} topic"
-            )
+            raise BagError(f"bag {self.path} has several {msgtype} topics {candidates}; choose one with "
+                           f"--{role.replace('_', '-')}-topic")
 
         t = self.topics
         return BagTopics(pick(t.image, IMAGE_TYPE, "image"), pick(t.camera_info, INFO_TYPE, "camera_info"),
@@ -290,8 +382,8 @@ class BagReader:
             if not conns or len(tree):
                 continue
             seen: set[tuple[str, str]] = set()
-            for conn, _, raw in self._iter(reader, conns):
-                msg = self._deserialize(reader, raw, conn.msgtype)
+            for conn, log_time, raw in self._iter(reader, conns):
+                msg = self._deserialize(reader, raw, conn, log_time)
                 for _, parent, child, T in ros_msgs.tf_message_transforms(msg) if msg else ():
                     if (parent, child) not in seen:
                         seen.add((parent, child))
@@ -300,8 +392,51 @@ class BagReader:
 
     # -- streaming sync -----------------------------------------------------------------------------
 
+    def _mcap_files(self) -> list[Path] | None:
+        """The bag's MCAP storage files in order, or None when the bag is not (only) MCAP or
+        is file-compressed (then rosbags reads it)."""
+        if self.path.is_file():
+            return [self.path] if self.path.suffix == ".mcap" else None
+        meta_path = self.path / "metadata.yaml"
+        try:
+            import yaml
+
+            meta = yaml.safe_load(meta_path.read_text(encoding="utf-8"))["rosbag2_bagfile_information"]
+            if meta.get("storage_identifier") != "mcap":
+                return None
+            if str(meta.get("compression_mode", "") or "").lower() not in ("", "none"):
+                return None  # file or message compression: rosbags decompresses it
+            files = [self.path / Path(str(name)).name for name in meta["relative_file_paths"]]
+        except Exception:
+            return None  # rosbags' own open decides what is wrong with it
+        return files if files and all(f.suffix == ".mcap" and f.is_file() for f in files) else None
+
     def _iter(self, reader, conns) -> Iterator[tuple[Any, int, bytes]]:
-        """reader.messages, turning a mid-file failure into a recorded (or raised) truncation."""
+        """(connection, log time ns, raw CDR) of ``conns`` in log-time order.
+
+        MCAP bags go chunk by chunk (corrupt chunks skipped and counted, see the module
+        docstring); other bags through rosbags, a mid-file failure becoming a recorded (or,
+        with ``strict``, raised) truncation.
+        """
+        files = self._mcap_files()
+        if files is not None:
+            readers: list[McapChunkReader] | None = []
+            try:
+                for f in files:
+                    readers.append(McapChunkReader(f))
+            except (McapFormatError, OSError) as exc:
+                log.debug("%s: chunk-level reading unavailable (%s); reading through rosbags",
+                          self.path, exc)
+                for r in readers:
+                    r.close()
+                readers = None
+            if readers is not None:
+                try:
+                    yield from self._iter_mcap(readers, conns)
+                finally:
+                    for r in readers:
+                        r.close()
+                return
         try:
             yield from reader.messages(connections=conns)
         except Exception as exc:
@@ -311,12 +446,96 @@ class BagReader:
                 raise BagError(f"bag {self.path} is corrupt or truncated: {self.stats.error}") from exc
             log.warning("bag %s ended early (corrupt or truncated): %s", self.path, self.stats.error)
 
-    def _deserialize(self, reader, raw: bytes, msgtype: str) -> Any | None:
+    def _iter_mcap(self, readers: list[McapChunkReader], conns) -> Iterator[tuple[Any, int, bytes]]:
+        """Merge the chunks of every file in log-time order, opening a chunk only when the
+        merge reaches its start time (memory: the chunks that overlap in time)."""
+        wanted: dict[tuple[str, str], Any] = {}
+        for c in conns:
+            wanted.setdefault((c.topic, c.msgtype), c)
+        order = []
+        for fi, r in enumerate(readers):
+            if r.summary_error and self.stats.summary_error is None:
+                self.stats.summary_error = f"{r.path.name}: {r.summary_error}"
+            cmap = {cid: conn for cid, ch in r.channels.items()
+                    if (conn := wanted.get((ch.topic, ch.schema_name))) is not None}
+            # Only the chunks that hold a wanted channel (a chunk index without message index
+            # offsets says nothing: read it).
+            order += [(ck.message_start_time, fi, ck.ordinal, r, ck, cmap) for ck in r.chunks
+                      if cmap and (not ck.message_index_offsets
+                                   or any(cid in cmap for cid in ck.message_index_offsets))]
+        order.sort(key=lambda e: e[:3])
+        heap: list[tuple[int, int, int, int, Any, bytes]] = []
+        nxt = 0
+        while heap or nxt < len(order):
+            # Open every chunk that starts no later than the earliest pending message.
+            while nxt < len(order) and (not heap or order[nxt][0] <= heap[0][0]):
+                _, fi, ordinal, r, ck, cmap = order[nxt]
+                nxt += 1
+                try:
+                    msgs = r.messages(ck)
+                except ChunkError as exc:
+                    self._lost_chunk(r, fi, ck, cmap, exc)
+                    continue
+                for i, (cid, log_time, raw) in enumerate(msgs):
+                    conn = cmap.get(cid)
+                    if conn is not None:
+                        heapq.heappush(heap, (log_time, fi, ordinal, i, conn, raw))
+            if heap:
+                log_time, _, _, _, conn, raw = heapq.heappop(heap)
+                yield conn, log_time, raw
+
+    def _lost_chunk(self, r: McapChunkReader, fi: int, ck, cmap: dict[int, Any],
+                    exc: ChunkError) -> None:
+        """Count a chunk that cannot be used and what it held (for this pass's connections)."""
+        s = self.stats
+        key = (fi, ck.ordinal)
+        first = key not in self._bad_chunks
+        self._bad_chunks.add(key)
+        if self.strict:
+            raise BagError(f"bag {self.path}: chunk {ck.ordinal} of {r.path.name} (offset "
+                           f"{ck.chunk_start_offset}) is unusable: {exc}") from exc
+        held = r.indexed_messages(ck)
+        lost: dict[str, int] = {}
+        for cid, log_time in held or ():
+            conn = cmap.get(cid)
+            if conn is None or (key, cid) in self._lost_counted:
+                continue
+            lost[conn.topic] = lost.get(conn.topic, 0) + 1
+            if conn.topic == self._cloud_topic:
+                s.skip_frame("corrupt_chunk", None, log_time,
+                             f"chunk {ck.ordinal} of {r.path.name}: {exc.reason}")
+        for cid in cmap:  # this pass's channels: a later pass over them counts nothing twice
+            self._lost_counted.add((key, cid))
+        for topic, n in lost.items():
+            s.lost_messages[topic] = s.lost_messages.get(topic, 0) + n
+        if first:
+            s.corrupt_chunks += 1
+            if held is None:
+                s.lost_unknown_chunks += 1
+            if len(s.chunk_errors) < MAX_SKIP_LOG:
+                s.chunk_errors.append({
+                    "file": r.path.name, "offset": ck.chunk_start_offset,
+                    "start_ns": ck.message_start_time, "end_ns": ck.message_end_time,
+                    "reason": exc.reason, "detail": str(exc), "lost": dict(lost)})
+            log.warning("bag %s: chunk %d of %s (%.3f-%.3f s) skipped: %s; %s", self.path,
+                        ck.ordinal, r.path.name, ck.message_start_time * 1e-9,
+                        ck.message_end_time * 1e-9, exc,
+                        f"it held {sum(lost.values())} of the messages read ({lost})"
+                        if held is not None else "its message index is unreadable too")
+        elif lost:
+            for rec in s.chunk_errors:
+                if rec["file"] == r.path.name and rec["offset"] == ck.chunk_start_offset:
+                    for topic, n in lost.items():
+                        rec["lost"][topic] = rec["lost"].get(topic, 0) + n
+
+    def _deserialize(self, reader, raw: bytes, conn, log_time: int) -> Any | None:
         try:
-            return reader.deserialize(raw, msgtype)
+            return reader.deserialize(raw, conn.msgtype)
         except Exception as exc:
             self.stats.undecodable += 1
-            log.warning("undecodable %s message skipped: %s", msgtype, exc)
+            log.warning("undecodable %s message on %s skipped: %s", conn.msgtype, conn.topic, exc)
+            if conn.topic == self._cloud_topic:
+                self.stats.skip_frame("undecodable", None, log_time, f"{type(exc).__name__}: {exc}")
             return None
 
     def _synced(self, reader, topics: BagTopics) -> Iterator[_Synced]:
@@ -325,13 +544,13 @@ class BagReader:
         slop = int(round(self.slop_s * 1e9))
         images: deque[tuple[int, Any]] = deque()
         infos: deque[tuple[int, Any]] = deque(maxlen=self.queue_size)
-        pending: deque[tuple[int, Any]] = deque()
+        pending: deque[tuple[int, int, Any]] = deque()
         last_cloud: int | None = None
         s = self.stats
 
         def resolve(final: bool) -> Iterator[_Synced]:
             while pending:
-                stamp, cloud = pending[0]
+                stamp, log_time, cloud = pending[0]
                 newest = max((t for t, _ in images), default=None)
                 # Wait while a later image could still be closer (or no CameraInfo has come yet),
                 # unless the queue is full.
@@ -344,16 +563,20 @@ class BagReader:
                 best = min(images, key=lambda m: abs(m[0] - stamp), default=None)
                 if best is None or abs(best[0] - stamp) > slop:
                     s.no_image += 1
+                    s.skip_frame("no_image", stamp, log_time,
+                                 "no image within the slop" if best is None else
+                                 f"nearest image {abs(best[0] - stamp) * 1e-6:.1f} ms away")
                     continue
                 info = min(infos, key=lambda m: abs(m[0] - best[0]), default=None)
                 if info is None:
                     s.no_camera_info += 1
+                    s.skip_frame("no_camera_info", stamp, log_time, "no CameraInfo seen yet")
                     continue
                 s.synced += 1
-                yield _Synced(cloud, best[1], info[1], stamp)
+                yield _Synced(cloud, best[1], info[1], stamp, log_time)
 
-        for conn, _, raw in self._iter(reader, conns):
-            msg = self._deserialize(reader, raw, conn.msgtype)
+        for conn, log_time, raw in self._iter(reader, conns):
+            msg = self._deserialize(reader, raw, conn, log_time)
             if msg is None:
                 continue
             stamp = ros_msgs.stamp_to_ns(msg.header)
@@ -362,12 +585,15 @@ class BagReader:
                 if last_cloud is not None and stamp <= last_cloud:
                     if stamp == last_cloud:
                         s.duplicate += 1
+                        s.skip_frame("duplicate", stamp, log_time, "same stamp as the previous cloud")
                     else:
                         s.out_of_order += 1
+                        s.skip_frame("out_of_order", stamp, log_time,
+                                     f"{(last_cloud - stamp) * 1e-6:.1f} ms before the previous cloud")
                     log.debug("cloud at %d after %d skipped", stamp, last_cloud)
                     continue
                 last_cloud = stamp
-                pending.append((stamp, msg))
+                pending.append((stamp, log_time, msg))
             elif conn.topic == topics.image:
                 s.images += 1
                 if any(t == stamp for t, _ in images):
@@ -384,12 +610,20 @@ class BagReader:
 
     # -- public ---------------------------------------------------------------------------------------
 
-    def frames(self) -> Iterator[Frame]:
-        """Synchronized Frames in stamp order. ``self.stats`` counts what was skipped and why."""
+    def _reset(self, cloud_topic: str | None) -> None:
         self.stats = SyncStats()
+        self._cloud_topic = cloud_topic
+        self._bad_chunks: set[tuple[int, int]] = set()
+        self._lost_counted: set[tuple[tuple[int, int], int]] = set()
+
+    def frames(self) -> Iterator[Frame]:
+        """Synchronized Frames in stamp order. ``self.stats`` counts what was skipped and why
+        (see :class:`SyncStats`: every cloud that gives no Frame is counted with its reason)."""
+        self._reset(None)
         reader = self._open()
         try:
             topics = self._resolve_topics(reader)
+            self._cloud_topic = topics.cloud
             tree = self._transform_tree(reader, topics) if self.T_cam_lidar is None else None
             extrinsics: dict[tuple[str, str], np.ndarray] = {}
             seq = 0
@@ -398,8 +632,12 @@ class BagReader:
                     frame = self._to_frame(synced, tree, extrinsics, seq)
                 except (FrameError, ros_msgs.MessageError) as exc:
                     self.stats.bad_frame += 1
+                    self.stats.skip_frame("bad_frame", synced.stamp_ns, synced.log_time_ns, str(exc))
                     log.warning("frame at %d s skipped: %s", synced.stamp_ns * 1e-9, exc)
                     continue
+                self.stats.dropped_points += frame.dropped_points
+                self.stats.dropped_far += frame.dropped_far
+                self.stats.zeroed_intensity += frame.zeroed_intensity
                 seq += 1
                 yield frame
         finally:
@@ -420,20 +658,21 @@ class BagReader:
                     raise BagError(
                         f"bag {self.path}: no extrinsics from LiDAR frame {lidar_frame!r} to camera "
                         f"frame {camera_frame!r} in {self.topics.tf_static} or {self.topics.tf} ({exc}); "
-                        "pass them explicitly (--extrinsics)"
+                        "give them with --extrinsics (16 numbers, row-major T_cam_lidar)"
                     ) from exc
             T = cache[key]
-        camera = ros_msgs.camera_model_from_info(s.info, T, frame_id=camera_frame)
-        points, extra = ros_msgs.cloud_to_points(s.cloud)
-        labels = extra.get("label")
-        return Frame(s.stamp_ns, points, ros_msgs.image_to_rgb(s.image), camera,
-                     labels=labels, seq=seq, lidar_frame_id=lidar_frame)
+        return frame_from_messages(s.image, s.info, s.cloud, T, seq=seq, camera_frame=camera_frame,
+                                   with_labels=True)
 
     def info(self) -> dict[str, Any]:
         """Topics (type, count, rate), and what a replay would sync, without building Frames."""
-        self.stats = SyncStats()
+        self._reset(None)
         reader = self._open()
         try:
+            try:
+                self._cloud_topic = self._resolve_topics(reader).cloud
+            except BagError:
+                pass  # reported below as sync_error
             table = self._topic_counts(reader)
             times: dict[str, list[int]] = {topic: [] for topic in table}
             for conn, t, _ in self._iter(reader, reader.connections):

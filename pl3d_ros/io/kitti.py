@@ -100,11 +100,6 @@ class KittiSequence:
         object.__setattr__(self, "_calib", read_calib(root / "calib.txt"))
 
     @property
-    def frame_ids(self) -> tuple[str, ...]:
-        """Scan names ('000000', ...) in order."""
-        return self._ids
-
-    @property
     def calib(self) -> dict[str, np.ndarray]:
         return self._calib
 

@@ -23,6 +23,7 @@ Units: metres for points, pixels for intrinsics, nanoseconds for stamps.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,9 @@ DATATYPE_NAMES = {
 }
 _KIND_SIZE_TO_DATATYPE = {(np.dtype(code).kind, np.dtype(code).itemsize): dt
                           for dt, code in DATATYPE_CODES.items()}
+
+#: Largest PointField.count read: numpy subarray dimensions are C ints (< 2^31).
+MAX_FIELD_COUNT = 2**31 - 1
 
 #: Field names tried, in order, for the intensity channel when none is given. Ouster clouds carry
 #: both ``intensity`` and ``reflectivity``; ``intensity`` wins.
@@ -123,6 +127,11 @@ def _wire_dtype(fields: list[tuple[str, int, int, int]], point_step: int, big_en
             )
         if name in names:
             raise CloudError(f"field {name!r} appears twice in the cloud's fields")
+        if count < 0 or count > MAX_FIELD_COUNT:
+            # uint32 on the wire; numpy subarray dimensions are C ints, so 2^31 and more cannot
+            # be expressed (and no point holds 2 GB of one field).
+            raise CloudError(f"field {name!r} has count {count}; at most {MAX_FIELD_COUNT} is "
+                             "supported")
         count = max(count, 1)
         base = np.dtype(order + DATATYPE_CODES[datatype])
         size = base.itemsize * count
@@ -138,8 +147,13 @@ def _wire_dtype(fields: list[tuple[str, int, int, int]], point_step: int, big_en
         offsets.append(offset)
         end = max(end, offset + size)
     itemsize = point_step if strict else max(point_step, end)
-    return np.dtype({"names": names, "formats": formats, "offsets": offsets,
-                     "itemsize": itemsize})
+    try:
+        return np.dtype({"names": names, "formats": formats, "offsets": offsets,
+                         "itemsize": itemsize})
+    except (ValueError, TypeError, OverflowError) as exc:
+        # numpy's own limits (e.g. an itemsize beyond a C int on numpy 1.x)
+        raise CloudError(f"cannot lay out points of {itemsize} bytes with fields "
+                         f"{list(zip(names, offsets))}: {exc}") from exc
 
 
 def _native_packed(dtype: np.dtype) -> np.dtype:
@@ -165,7 +179,9 @@ def _cloud_view(msg: Any) -> np.ndarray:
     fields = _fields_of(msg)
     big = bool(msg.is_bigendian)
     if height * width == 0:
-        return np.zeros((height, width), _wire_dtype(fields, point_step, big, strict=False))
+        dtype = _wire_dtype(fields, point_step, big, strict=False)
+        _check_no_excess(_byte_array(msg.data).size, height, width, max(row_step, 0))
+        return np.zeros((height, width), dtype)
     if point_step <= 0:
         raise CloudError(f"point_step is {point_step} for a cloud of {height} x {width} points")
     dtype = _wire_dtype(fields, point_step, big)
@@ -180,15 +196,33 @@ def _cloud_view(msg: Any) -> np.ndarray:
             f"cloud data is truncated: {buf.size} bytes, but height * row_step = "
             f"{height} * {row_step} = {need}"
         )
+    _check_no_excess(buf.size, height, width, row_step)
     return np.ndarray((height, width), dtype=dtype, buffer=buf, strides=(row_step, point_step))
 
 
-def cloud_to_array(msg: Any) -> np.ndarray:
+def _check_no_excess(size: int, height: int, width: int, row_step: int) -> None:
+    """PointCloud2.msg: ``data`` is ``row_step * height`` bytes. More bytes than that mean that
+    width, height or row_step undercount the points the data holds (a driver that sets width
+    smaller than what it filled): reading only the first ``height * row_step`` bytes would
+    silently drop points and, with a wrong row_step, misalign every row. So it is an error."""
+    need = height * row_step
+    if size > need:
+        raise CloudError(
+            f"cloud data holds {size} bytes, more than height * row_step = {height} * "
+            f"{row_step} = {need} (PointCloud2 data is exactly row_step * height bytes): width "
+            f"{width} / height {height} / row_step {row_step} do not describe the data"
+        )
+
+
+def cloud_to_array(msg: Any, *, organized: bool = False) -> np.ndarray:
     """Read a sensor_msgs/PointCloud2 into a structured numpy array.
 
     Args:
         msg: any object with the PointCloud2 attributes (height, width, fields, is_bigendian,
             point_step, row_step, data).
+        organized: return (height, width) instead of (N,): rows are the cloud's ``height``
+            axis, as PointCloud2.msg defines it (sensor_msgs_py's ``reshape_organized_cloud``
+            returns (width, height) instead).
 
     Returns:
         (N,) structured array, N = height * width (organized clouds flattened row-major), with one
@@ -199,16 +233,16 @@ def cloud_to_array(msg: Any) -> np.ndarray:
         with the same fields.
 
     Raises:
-        CloudError: data shorter than height * row_step, row_step < width * point_step, a field
-            ending beyond point_step, an unknown datatype, a duplicate field name, or point_step 0
-            with points present.
+        CloudError: data shorter or longer than height * row_step, row_step < width *
+            point_step, a field ending beyond point_step, a field count of 2^31 or more, an
+            unknown datatype, a duplicate field name, or point_step 0 with points present.
     """
     view = _cloud_view(msg)
     out = np.empty(view.shape, _native_packed(view.dtype))
     for name in view.dtype.names:
         # One vectorised (byte-swapping where needed) copy per field, never per point.
         out[name] = view[name]
-    return out.reshape(-1)
+    return out if organized else out.reshape(-1)
 
 
 def cloud_field_names(msg: Any) -> list[str]:
@@ -228,8 +262,9 @@ def cloud_to_points(msg: Any, intensity_field: str | None = None
     Returns:
         points: (N, 4) float32 x, y, z (metres, the cloud's frame) and intensity (the sensor's raw
             scale, not normalised), N = height * width, row-major for organized clouds. float64
-            or integer fields are cast to float32. NaN points are kept: ``frame.Frame`` drops and
-            counts them.
+            or integer fields are cast to float32. NaN / inf values are kept as they are:
+            ``frame.Frame`` drops (and counts) points with a non-finite or far-off coordinate
+            and zeroes (and counts) a non-finite intensity.
         extra: every other named field as its own native-order array, (N,) or (N, count) for
             count > 1 fields, e.g. ``label``, ``ring``, ``t``.
 
@@ -298,6 +333,11 @@ VISUALIZATION_DTYPE = np.dtype({
     "offsets": [0, 4, 8, 12, 16, 20, 24],
     "itemsize": 28,
 })
+
+
+#: Float fields that hold a packed colour (a uint32 bit pattern), not a value: PCL packs
+#: 0xAARRGGBB with alpha 255, which as a float32 is a NaN pattern whenever red >= 128.
+PACKED_COLOUR_FIELDS = ("rgb", "rgba")
 
 
 def pack_rgb(rgb: np.ndarray) -> np.ndarray:
@@ -469,7 +509,12 @@ def cloud_fields(array: np.ndarray, *, is_bigendian: bool = False,
             organized cloud). The array's layout (offsets, padding, itemsize) becomes the point
             layout; numeric field types only (see :func:`pointfields_of`).
         is_bigendian: byte order of ``data``; the array is converted if its fields differ.
-        is_dense: None computes it: True iff every x, y, z present is finite.
+        is_dense: None computes it: True iff every value of every floating-point field
+            (whatever its name, every element of a count > 1 field) is finite. PointCloud2.msg
+            says "True if there are no invalid points", and a consumer that trusts it skips its
+            NaN checks (sensor_msgs_py's ``read_points(skip_nans=True)`` does), so any NaN
+            makes a cloud not dense. Packed colours (:data:`PACKED_COLOUR_FIELDS`) are bit
+            patterns, not values, and are not looked at.
 
     Returns:
         dict with height, width, fields (list of (name, offset, datatype, count) tuples),
@@ -495,10 +540,9 @@ def cloud_fields(array: np.ndarray, *, is_bigendian: bool = False,
         array = converted
     array = np.ascontiguousarray(array)
     if is_dense is None:
-        is_dense = True
-        for c in ("x", "y", "z"):
-            if c in array.dtype.names and array.dtype.fields[c][0].kind == "f":
-                is_dense = is_dense and bool(np.isfinite(array[c]).all())
+        is_dense = all(bool(np.isfinite(array[c]).all()) for c in array.dtype.names
+                       if array.dtype.fields[c][0].base.kind == "f"
+                       and c not in PACKED_COLOUR_FIELDS)
     point_step = array.dtype.itemsize
     return {
         "height": int(height),
@@ -624,6 +668,44 @@ def rgb_to_image_fields(img: np.ndarray, encoding: str = "rgb8", *,
 # CameraInfo
 # --------------------------------------------------------------------------------------------------
 
+#: |P[:, :3] - K| above this (pixels) is a disagreement worth a warning (see _warn_p_vs_k);
+#: calibration files print 5-6 significant digits, well below it.
+P_K_TOLERANCE_PX = 1e-3
+#: Distinct calibrations remembered for warn-once (bounded: a node runs for days).
+_WARNED_MAX = 256
+_warned_calibrations: dict[bytes, None] = {}
+_warned_lock = threading.Lock()
+
+
+def _warn_p_vs_k(K: np.ndarray, P: np.ndarray, D: np.ndarray, R: np.ndarray,
+                 frame_id: str) -> None:
+    """Warn (once per distinct calibration) when a raw camera's P[:, :3] disagrees with K
+    although nothing explains the difference.
+
+    For a distorted camera P[:, :3] is the rectified image's camera matrix and legitimately
+    differs from K. With no distortion and R = I the two describe the same image and must be
+    equal: if they differ, either K or P is wrong, or the topic carries a rectified image whose
+    camera matrix is P. The raw model (K) is used, as before; the warning says so.
+    """
+    if np.any(D) or not np.allclose(R, np.eye(3), atol=1e-9) or not np.any(P[:, :3]):
+        return
+    diff = float(np.abs(P[:, :3] - K).max())
+    if diff <= P_K_TOLERANCE_PX:
+        return
+    key = b"".join(np.ascontiguousarray(a, dtype=np.float64).tobytes() for a in (K, P, D, R))
+    with _warned_lock:
+        if key in _warned_calibrations:
+            return
+        if len(_warned_calibrations) >= _WARNED_MAX:
+            _warned_calibrations.pop(next(iter(_warned_calibrations)))
+        _warned_calibrations[key] = None
+    log.warning(
+        "CameraInfo of %r: P[:, :3] %s differs from K %s by up to %.3g px although the camera "
+        "has no distortion and R = I; using K (the raw image). If the image topic is the "
+        "rectified one, its camera matrix is P: fix the calibration or use rectified=True",
+        frame_id, P[:, :3].round(3).tolist(), K.round(3).tolist(), diff)
+
+
 def _floats(value: Any, n: int | None, name: str) -> np.ndarray:
     arr = np.asarray(value, dtype=np.float64).reshape(-1)
     if n is not None and arr.size != n:
@@ -668,6 +750,9 @@ def camera_model_from_info(info: Any, T_cam_lidar: np.ndarray, frame_id: str | N
         frame_id: recorded in the model; None takes ``info.header.frame_id``.
         rectified: None decides from P as above; True / False forces the choice.
 
+    A raw camera without distortion whose P[:, :3] differs from K is logged as a warning, once
+    per distinct calibration (K is used).
+
     Raises:
         FrameError: "camera not calibrated" for an all-zero K, malformed arrays, an R that is not
             a rotation, or anything CameraModel rejects.
@@ -709,6 +794,9 @@ def camera_model_from_info(info: Any, T_cam_lidar: np.ndarray, frame_id: str | N
                           frame_id)
     else:
         D = _floats(info.d, None, "d")
+        R = _floats(getattr(info, "r", np.zeros(9)), None, "r")
+        R = np.eye(3) if R.size != 9 or not np.any(R) else R.reshape(3, 3)
+        _warn_p_vs_k(K, P, D, R, frame_id)
         cam = CameraModel(K, int(info.width), int(info.height), T,
                           str(info.distortion_model or "none"), D, frame_id)
 
@@ -909,11 +997,15 @@ def make_cloud(factory: MessageFactory, header: Any, array: np.ndarray, *,
     f = cloud_fields(array, is_bigendian=is_bigendian, is_dense=is_dense)
     fields = [factory.PointField(name=n, offset=int(o), datatype=int(d), count=int(c))
               for n, o, d, c in f["fields"]]
-    return factory.PointCloud2(
+    msg = factory.PointCloud2(
         header=header, height=f["height"], width=f["width"], fields=fields,
         is_bigendian=f["is_bigendian"], point_step=f["point_step"], row_step=f["row_step"],
-        data=factory.bytes_field(f["data"]), is_dense=f["is_dense"],
+        data=factory.bytes_field(np.zeros(0, np.uint8)), is_dense=f["is_dense"],
     )
+    # Assigned after construction: a generated rclpy message's __init__ copies its uint8[]
+    # argument into a new array.array, the property setter keeps an array.array('B') as is.
+    msg.data = factory.bytes_field(f["data"])
+    return msg
 
 
 def make_image(factory: MessageFactory, header: Any, rgb: np.ndarray,

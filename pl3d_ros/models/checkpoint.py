@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pl3d_ros.atomic_write import atomic_write
 from pl3d_ros.config import ConfigError, ModelConfig, RangeImageConfig
 from pl3d_ros.labels import ClassSet, ClassSetError
 from pl3d_ros.models.two_stream import TwoStreamNet, build_model
@@ -89,22 +88,13 @@ class CheckpointHeader:
 
 
 def save_checkpoint(path: str | Path, model: TwoStreamNet, header: CheckpointHeader) -> Path:
-    """Write weights + header atomically (temp file + rename): a crash never leaves half a file."""
+    """Write weights + header atomically (``atomic_write``: temp file, fsync, rename): a crash
+    never leaves half a file, and the temps of earlier interrupted writes are removed."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"pl3d": json.dumps(header.to_dict())})
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    metadata = {"pl3d": json.dumps(header.to_dict())}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def read_header(path: str | Path) -> CheckpointHeader:

@@ -18,13 +18,15 @@ def gather_cells(grid: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> 
     return grid[0][:, rows, cols].transpose(0, 1)
 
 
-def sample_pixels(grid: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
+def sample_pixels(grid: torch.Tensor, uv: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
     """Bilinear sample of an image grid at continuous pixel coordinates.
 
-    grid: (1, C, H, W); uv: (M, 2) pixels of the grid's own resolution, pixel (0, 0)'s centre at
-    (0, 0) -> (M, C). Samples beyond the outer pixel centres clamp to the border.
+    grid: (1, C, h, w); uv: (M, 2) pixels of an image of ``size`` (H, W) (default: the grid's
+    own), pixel (0, 0)'s centre at (0, 0) -> (M, C). A grid coarser than that image (features
+    at stride 2, say) is sampled at the same places: in align_corners=False coordinates both
+    cover the same extent. Samples beyond the outer pixel centres clamp to the border.
     """
-    _, _, h, w = grid.shape
+    h, w = size if size is not None else grid.shape[-2:]
     norm = torch.empty_like(uv, dtype=grid.dtype)
     norm[:, 0] = (uv[:, 0] + 0.5) * (2.0 / w) - 1.0  # align_corners=False convention
     norm[:, 1] = (uv[:, 1] + 0.5) * (2.0 / h) - 1.0

@@ -1,17 +1,18 @@
 """On-disk cache of serialised TensorRT engines (plans), keyed so a stale plan is never loaded.
 
-A TensorRT plan only runs on the TensorRT release and the GPU model it was built with, and only
-means something for the exact ONNX graph and precision it was built from. So each entry is named
-by an :class:`EngineKey` over all five, and carries a JSON sidecar that repeats the key and the
-plan's sha256 and size:
+A TensorRT plan only runs on the TensorRT release (and that release's CUDA build) and the GPU
+model it was built with, and only means something for the exact ONNX graph and precision it was
+built from. So each entry is named by an :class:`EngineKey` over all six, and carries a JSON
+sidecar that repeats the key and the plan's sha256 and size:
 
-    <cache>/<onnx12>-<precision>-trt<version>-sm<cc>-<digest16>.engine        the plan
+    <cache>/<onnx12>-<precision>-trt<version>-cu<cuda>-sm<cc>-<digest16>.engine   the plan
     <cache>/<same name>.engine.json                                           its sidecar
 
 ``load`` returns None (and logs why) when anything disagrees: no sidecar, unreadable sidecar,
 other key fields, or plan bytes whose size or sha256 differ from the sidecar's (a truncated or
 corrupt file). The caller then rebuilds, and ``store`` overwrites the entry. Writes are atomic
-(temp file in the same directory + fsync + ``os.replace``; the plan first, its sidecar after), so
+(``pl3d_ros.atomic_write``: temp file in the same directory + fsync + ``os.replace``; the plan
+first, its sidecar after; temps of killed writes are removed when a cache is opened), so
 a crash or a power cut mid-write leaves either the old entry, or a new plan whose old sidecar no
 longer matches it (which ``load`` rejects), never a half file that looks valid.
 
@@ -27,12 +28,13 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from pl3d_ros.atomic_write import atomic_write, clean_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,9 @@ class EngineKey:
     gpu_name:           the GPU's product name, e.g. "NVIDIA GeForce RTX 4090". Two GPUs of one
                         compute capability still differ in SM count and memory, and TensorRT's
                         tactics are timed per model, so the name is part of the key.
+    cuda_major:         the CUDA major TensorRT is built for, e.g. "12": the same TensorRT
+                        version ships CUDA 12 and CUDA 13 builds (tensorrt-cu12 / -cu13), and a
+                        plan of one is not a plan of the other. "unknown" where it cannot be told.
     """
 
     onnx_sha256: str
@@ -73,22 +78,23 @@ class EngineKey:
     tensorrt_version: str
     compute_capability: str
     gpu_name: str
+    cuda_major: str
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not re.fullmatch(r"[0-9a-f]{64}", self.onnx_sha256):
             raise ValueError(f"onnx_sha256 must be 64 lower-case hex digits, got {self.onnx_sha256!r}")
-        for name in ("tensorrt_version", "compute_capability", "gpu_name"):
+        for name in ("tensorrt_version", "compute_capability", "gpu_name", "cuda_major"):
             if not getattr(self, name):
                 raise ValueError(f"EngineKey.{name} must not be empty")
 
     @classmethod
     def for_onnx(cls, onnx_bytes: bytes, precision: str, tensorrt_version: str,
-                 compute_capability: str, gpu_name: str) -> EngineKey:
+                 compute_capability: str, gpu_name: str, *, cuda_major: str) -> EngineKey:
         """The key of the engine built from ``onnx_bytes`` (hashes them)."""
         return cls(hashlib.sha256(onnx_bytes).hexdigest(), precision, tensorrt_version,
-                   compute_capability, gpu_name)
+                   compute_capability, gpu_name, cuda_major)
 
     def fields(self) -> dict[str, str]:
         """The key as a plain dict (what the sidecar stores and compares)."""
@@ -104,8 +110,8 @@ class EngineKey:
     def filename(self) -> str:
         """A readable, filename-safe name; the digest makes it unique (the GPU name is in it)."""
         cc = self.compute_capability.replace(".", "")
-        return _safe(f"{self.onnx_sha256[:12]}-{self.precision}-trt{self.tensorrt_version}-sm{cc}-"
-                     f"{self.digest}") + ENGINE_SUFFIX
+        return _safe(f"{self.onnx_sha256[:12]}-{self.precision}-trt{self.tensorrt_version}-"
+                     f"cu{self.cuda_major}-sm{cc}-{self.digest}") + ENGINE_SUFFIX
 
 
 def default_cache_dir() -> Path:
@@ -127,42 +133,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (best effort: not every OS/filesystem lets a directory be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``.
-
-    Same directory, so the rename never crosses filesystems (where it would stop being atomic).
-    The temp file is removed on any failure.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
 class EngineCache:
     """A directory of plans + sidecars. Thread-safe; safe across processes by atomic renames."""
 
@@ -178,6 +148,8 @@ class EngineCache:
         except OSError as exc:
             raise EngineCacheError(f"cannot create engine cache directory {self.dir}: {exc} "
                                    f"(set PL3D_ENGINE_CACHE to a writable directory)") from exc
+        # Temps of builds killed mid-write (a plan is hundreds of MB on a small Jetson disk).
+        clean_stale_temps(self.dir)
 
     def path(self, key: EngineKey) -> Path:
         """Where the plan for ``key`` lives (whether or not it exists yet)."""
@@ -253,8 +225,8 @@ class EngineCache:
         try:
             # Plan first, sidecar second: a crash in between leaves a plan whose (old or absent)
             # sidecar does not match it, which load() rejects.
-            _atomic_write(path, data)
-            _atomic_write(side, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+            atomic_write(path, data, make_dirs=False)
+            atomic_write(side, (json.dumps(meta, indent=2) + "\n").encode("utf-8"), make_dirs=False)
         except OSError as exc:
             raise EngineCacheError(f"cannot write engine {path}: {exc}") from exc
         log.info("cached engine %s (%.1f MB)", path, len(data) / 1e6)

@@ -15,8 +15,17 @@ same cached plan, refits it from an ONNX re-exported with the new weights (throu
 ``OnnxParserRefitter``: the exporter folds BatchNorm into the convolutions, so ONNX weight names
 do not map 1:1 to the state dict), and validates it on a fixed probe input against ONNX Runtime on
 that same ONNX before it may be swapped in (a known TensorRT issue can drop a GEMM bias under
-REFIT; FP16 has broken other segmenters' accuracy). A failed validation raises ``BackendError`` and
-the old engine stays.
+REFIT; FP16 has broken other segmenters' accuracy). The export is canonical (``export.py``), so
+the re-exported graph has the engine's weight names whatever the values. A refit is accepted
+only when every refittable engine weight was set from the new ONNX (:func:`refit_weights`). A
+failed refit or validation raises ``BackendError``, the old engine stays, and ``describe()`` keeps
+reporting the running engine (the rejection goes to ``last_rejected_swap``).
+
+TensorRT's setup failures (CUDA initialisation, an unsupported GPU, a non-refittable engine)
+come out of its pybind factories as ``TypeError: ... returned nullptr``; :func:`trt_create` turns
+them into BackendError. TensorRT is checked to be built for torch's CUDA major (the pip extras
+``trt-cu12`` / ``trt-cu13``; JetPack's system TensorRT on a Jetson), and that major is part of the
+engine-cache key.
 
 ``tensorrt`` is imported lazily, so this module imports (and its pure helpers are tested) on
 machines without TensorRT or a GPU.
@@ -29,6 +38,8 @@ import functools
 import hashlib
 import json
 import logging
+import os
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -48,8 +59,14 @@ log = logging.getLogger(__name__)
 DEFAULT_WORKSPACE_MB = 1024
 PROGRESS_INTERVAL_S = 5.0  # a step-progress log line at most this often during a build
 
-INSTALL_HINT = ("install the TensorRT extra on a machine with an NVIDIA GPU and CUDA 12: "
-                "pip install '.[trt]' (or use the onnxruntime / torch backend)")
+INSTALL_HINT = ("install the TensorRT build for torch's CUDA major on a machine with an NVIDIA GPU: "
+                "pip install '.[trt-cu12]' or '.[trt-cu13]' (python -c 'import torch; "
+                "print(torch.version.cuda)' says which); on a Jetson use JetPack's TensorRT "
+                "(apt python3-libnvinfer, seen from a venv made with --system-site-packages); or "
+                "use the onnxruntime / torch backend")
+#: Set to 1 to use a TensorRT built for another CUDA major than torch (at your own risk: two
+#: CUDA runtimes in one process, and the newer one's driver requirement).
+ALLOW_CUDA_MISMATCH_ENV = "PL3D_TRT_ALLOW_CUDA_MISMATCH"
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,12 +74,100 @@ INSTALL_HINT = ("install the TensorRT extra on a machine with an NVIDIA GPU and 
 # --------------------------------------------------------------------------------------------
 
 def import_tensorrt() -> Any:
-    """The ``tensorrt`` module, or BackendError saying how to get it."""
+    """The ``tensorrt`` module, or BackendError saying how to get it (also when it is built for
+    another CUDA major than torch, see :func:`check_cuda_match`)."""
+    major = torch_cuda_major()
+    this = (f" (this torch is built for CUDA {torch.version.cuda}: '.[trt-cu{major}]')"
+            if major else " (this torch is a CPU-only build)")
     try:
         import tensorrt as trt
     except ImportError as exc:  # also covers sys.modules["tensorrt"] = None
-        raise BackendError(f"TensorRT is not installed ({exc}); {INSTALL_HINT}") from exc
+        raise BackendError(f"TensorRT is not installed ({exc}); {INSTALL_HINT}{this}") from exc
+    except OSError as exc:  # a wheel whose CUDA libraries cannot be loaded
+        raise BackendError(f"TensorRT cannot be loaded ({exc}); {INSTALL_HINT}{this}") from exc
+    check_cuda_match(tensorrt_cuda_major(), torch_cuda_major())
     return trt
+
+
+def trt_create(what: str, factory: Any, *args: Any, hint: str = "") -> Any:
+    """``factory(*args)`` for a TensorRT object, with its failures as BackendError.
+
+    TensorRT's pybind constructors (Builder, Runtime, Refitter, OnnxParser, ...) turn a null
+    object from the C++ factory (CUDA initialisation failed, GPU not supported by this build,
+    engine not refittable, out of memory) into ``TypeError: pybind11::init(): factory function
+    returned nullptr``; methods such as ``create_execution_context`` return None instead.
+    Callers that handle BackendError (the bench, the runner's fallback) would crash on the
+    TypeError. The details are in TensorRT's log (logger 'pl3d_ros.tensorrt').
+    """
+    try:
+        obj = factory(*args)
+    except (TypeError, RuntimeError, MemoryError) as exc:
+        raise BackendError(f"TensorRT could not create {what}: {type(exc).__name__}: {exc}"
+                           + (f" ({hint})" if hint else "")
+                           + "; TensorRT's messages are in the log (logger 'pl3d_ros.tensorrt')") from exc
+    if obj is None:
+        raise BackendError(f"TensorRT could not create {what}" + (f" ({hint})" if hint else "")
+                           + "; TensorRT's messages are in the log (logger 'pl3d_ros.tensorrt')")
+    return obj
+
+
+#: Why creating a builder / runtime usually fails.
+_SETUP_HINT = ("CUDA initialisation failed, the GPU is not supported by this TensorRT build, or "
+               "TensorRT's CUDA needs a newer driver; check nvidia-smi and that TensorRT's CUDA "
+               "major matches the driver's")
+
+
+@functools.lru_cache(maxsize=1)
+def tensorrt_cuda_major() -> str | None:
+    """The CUDA major the installed ``tensorrt`` package is built for, e.g. "12", or None.
+
+    NVIDIA's pip wheels say it in their distribution names only (tensorrt_cu12_bindings,
+    tensorrt_cu13_libs, ...; TensorRT's python/packaging/tensorrt_build_backend names them so), so
+    it is read from the distribution that provides the ``tensorrt`` package. None for a
+    TensorRT not installed from those wheels (JetPack's system TensorRT, a local build), or when
+    wheels of two CUDA majors are installed at once.
+    """
+    from importlib import metadata
+
+    try:
+        dists = metadata.packages_distributions().get("tensorrt", [])
+    except Exception:  # a broken metadata entry elsewhere must not stop the backend
+        return None
+    majors = {m[1] for d in dists
+              if (m := re.fullmatch(r"tensorrt[-_]cu(\d+)(?:[-_](?:bindings|libs))?", d.lower()))}
+    return majors.pop() if len(majors) == 1 else None
+
+
+def torch_cuda_major() -> str | None:
+    """The CUDA major torch is built for ("12" for 12.8), None for a CPU-only torch."""
+    version = getattr(torch.version, "cuda", None)
+    return str(version).split(".")[0] if version else None
+
+
+def check_cuda_match(trt_major: str | None, torch_major: str | None) -> None:
+    """BackendError when TensorRT and torch are built for different CUDA majors.
+
+    The usual way to get there: ``tensorrt>=10`` from pip now resolves to a CUDA 13 build
+    (10.16 requires tensorrt_cu13, which needs driver R580+) while torch is a CUDA 12 build.
+    Then TensorRT cannot start, or two CUDA runtimes share one process and its buffers. Unknown
+    majors (JetPack's TensorRT, CPU torch) pass. :data:`ALLOW_CUDA_MISMATCH_ENV` = 1 lets a
+    mismatch through with a warning.
+    """
+    if trt_major is None or torch_major is None or trt_major == torch_major:
+        return
+    msg = (f"TensorRT is built for CUDA {trt_major} but torch for CUDA {torch.version.cuda}: "
+           f"install the matching build, pip install '.[trt-cu{torch_major}]' (it replaces "
+           f"tensorrt-cu{trt_major}), or a torch for CUDA {trt_major}")
+    if os.environ.get(ALLOW_CUDA_MISMATCH_ENV) == "1":
+        log.warning("%s (%s=1: going on)", msg, ALLOW_CUDA_MISMATCH_ENV)
+        return
+    raise BackendError(f"{msg}; set {ALLOW_CUDA_MISMATCH_ENV}=1 to try anyway")
+
+
+def cuda_major() -> str:
+    """The CUDA major of the engine-cache key: TensorRT's (what its plans are built by), else
+    torch's, else "unknown"."""
+    return tensorrt_cuda_major() or torch_cuda_major() or "unknown"
 
 
 def require_cuda() -> None:
@@ -83,19 +188,28 @@ def _cuda_device(device: int | str | torch.device | None) -> torch.device:
 def gpu_compute_capability(device: int | str | torch.device | None = None) -> str:
     """The GPU's compute capability as "major.minor", e.g. "8.9" (RTX 40xx), "8.7" (AGX Orin)."""
     require_cuda()
-    major, minor = torch.cuda.get_device_capability(_cuda_device(device))
+    try:
+        major, minor = torch.cuda.get_device_capability(_cuda_device(device))
+    except (RuntimeError, AssertionError) as exc:  # CUDA initialisation errors surface here
+        raise BackendError(f"cannot query the CUDA device {device}: {exc}") from exc
     return f"{major}.{minor}"
 
 
 def engine_key(onnx_bytes: bytes, precision: str,
                device: int | str | torch.device | None = None) -> EngineKey:
-    """The cache key of the engine for ``onnx_bytes`` at ``precision`` on this TensorRT and GPU."""
+    """The cache key of the engine for ``onnx_bytes`` at ``precision`` on this TensorRT (and its
+    CUDA major) and GPU."""
     _check_precision(precision)
     trt = import_tensorrt()
     require_cuda()
     dev = _cuda_device(device)
-    return EngineKey.for_onnx(onnx_bytes, precision, str(trt.__version__),
-                              gpu_compute_capability(dev), torch.cuda.get_device_name(dev))
+    cc = gpu_compute_capability(dev)
+    try:
+        name = torch.cuda.get_device_name(dev)
+    except (RuntimeError, AssertionError) as exc:
+        raise BackendError(f"cannot query the CUDA device {dev}: {exc}") from exc
+    return EngineKey.for_onnx(onnx_bytes, precision, str(trt.__version__), cc, name,
+                              cuda_major=cuda_major())
 
 
 def _check_precision(precision: str) -> None:
@@ -214,14 +328,15 @@ def build_engine(onnx_bytes: bytes, precision: str = "fp16", refit: bool = True,
     trt = import_tensorrt()
     require_cuda()
     logger = _trt_logger()
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
-    parser = trt.OnnxParser(network, logger)
+    builder = trt_create("a builder", trt.Builder, logger, hint=_SETUP_HINT)
+    # explicit batch is the only mode in TensorRT 10
+    network = trt_create("a network definition", builder.create_network, 0)
+    parser = trt_create("an ONNX parser", trt.OnnxParser, network, logger)
     if not parser.parse(onnx_bytes):
         errors = _parser_errors(parser) or ["(no error recorded)"]
         raise BackendError("TensorRT cannot parse the ONNX graph:\n  " + "\n  ".join(errors))
 
-    config = builder.create_builder_config()
+    config = trt_create("a builder config", builder.create_builder_config)
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
     if refit:
         config.set_flag(trt.BuilderFlag.REFIT)
@@ -347,6 +462,76 @@ def _initializer_names(onnx_bytes: bytes) -> list[str]:
     return [init.name for init in onnx.load_model_from_string(onnx_bytes).graph.initializer]
 
 
+def _initializer_arrays(onnx_bytes: bytes) -> dict[str, np.ndarray]:
+    """The graph's initializers as numpy arrays by name (what a refit sets the weights to)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_model_from_string(onnx_bytes)
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def refit_weights(trt: Any, refitter: Any, parser_refitter: Any, onnx_bytes: bytes) -> dict[str, Any]:
+    """Set every refittable weight of ``refitter``'s engine from ``onnx_bytes`` and refit it.
+
+    TensorRT objects are passed in (``trt`` for ``trt.Weights``), so the logic is tested with
+    fakes. ``OnnxParserRefitter.refit_from_bytes`` sets the weights by initializer name. When it
+    reports failure it may have stopped part-way, and ``get_missing_weights`` lists only weights
+    missing from a partly set combination, not weights never set at all: refitting then would
+    leave those at their old values, and the ONNX Runtime probe afterwards can miss a stale bias
+    within the fp16 tolerance. So on failure every name of ``get_all_weights()`` must be an
+    initializer of the new ONNX (otherwise BackendError: nothing would set it), and each of them
+    is set explicitly from it (``set_named_weights``); only then, with nothing missing, is the
+    engine refitted. Accepted only when every engine weight name was set.
+
+    Returns:
+        {"parser_ok": bool, "parser_errors": [...], "set_explicitly": number of weights set by
+        name after a parser failure, "weights": number of refittable engine weights}.
+
+    Raises:
+        BackendError: weights missing, engine weights the ONNX cannot provide, a weight TensorRT
+            refuses, or ``refit_cuda_engine`` failing. The engine must then not be used.
+    """
+    ok = bool(parser_refitter.refit_from_bytes(onnx_bytes))
+    errors = _parser_errors(parser_refitter)
+    report: dict[str, Any] = {"parser_ok": ok, "parser_errors": errors, "set_explicitly": 0}
+    names = [str(n) for n in refitter.get_all_weights()]
+    report["weights"] = len(names)
+    keep: list[Any] = []  # the arrays must outlive refit_cuda_engine
+    if not ok:
+        detail = "; ".join(errors) or "no error recorded"
+        inits = _initializer_arrays(onnx_bytes)
+        unset = [n or "<unnamed>" for n in names if n not in inits]
+        if unset:
+            raise BackendError(
+                f"TensorRT could not refit from the ONNX graph ({detail}) and {len(unset)} of the "
+                f"engine's {len(names)} refittable weights have no initializer in it (first: "
+                f"{unset[:5]}): they would keep their old values; keeping the old engine")
+        for name in names:
+            arr = np.ascontiguousarray(inits[name])
+            try:
+                weights = trt.Weights(arr)
+                accepted = refitter.set_named_weights(name, weights)
+            except (TypeError, RuntimeError, ValueError) as exc:
+                raise BackendError(f"TensorRT refuses weight {name!r} ({arr.dtype} {arr.shape}): "
+                                   f"{exc}; keeping the old engine") from exc
+            if not accepted:
+                raise BackendError(f"TensorRT refuses weight {name!r} ({arr.dtype} {arr.shape}); "
+                                   "keeping the old engine")
+            keep.append((arr, weights))
+        report["set_explicitly"] = len(names)
+        log.warning("OnnxParserRefitter reported failure (%s); all %d engine weights were set by "
+                    "name from the new ONNX instead", detail, len(names))
+    missing = [str(n) or "<unnamed>" for n in refitter.get_missing_weights()]
+    if missing:
+        raise BackendError(f"refit left {len(missing)} engine weights unset "
+                           f"(first: {missing[:5]}); keeping the old engine")
+    if not refitter.refit_cuda_engine():
+        raise BackendError("TensorRT refit_cuda_engine failed; keeping the old engine")
+    del keep
+    return report
+
+
 # --------------------------------------------------------------------------------------------
 # The engine holder and the backend
 # --------------------------------------------------------------------------------------------
@@ -387,9 +572,15 @@ class _Engine:
                 raise _EngineMismatch(f"engine tensor {name} has shape {got}, expected {tuple(shapes[name])}")
         self.device = device
         self.engine = engine
-        self.context = engine.create_execution_context()
-        if self.context is None:
-            raise BackendError("TensorRT could not create an execution context (out of GPU memory?)")
+        # What this engine's last check against ONNX Runtime found (None: not validated);
+        # ``describe()`` reports the running holder's, so a rejected swap cannot overwrite it.
+        self.validation: dict[str, Any] | None = None
+        self.refit: dict[str, Any] | None = None
+        # Under the engine's device: a context (its scratch memory) made while another device is
+        # current lands there and fails at the first execute.
+        with torch.cuda.device(device):
+            self.context = trt_create("an execution context", engine.create_execution_context,
+                                      hint="out of GPU memory?")
         self.stream = torch.cuda.Stream(device=device)
         self.buffers: dict[str, torch.Tensor] = {}
         # Allocated on our stream, so the caching allocator ties the blocks to it.
@@ -459,7 +650,7 @@ class TensorRTBackend(Backend):
         self.tolerance = tolerance or DEFAULT_TOLERANCES[precision]
         self.probe_seed = probe_seed
         self.tensorrt_version = str(trt.__version__)
-        self.last_validation: dict[str, Any] | None = None
+        self.last_rejected_swap: dict[str, Any] | None = None
         self._template = copy.deepcopy(model).cpu().eval()
 
         onnx_bytes = export_onnx(self._template, header)
@@ -469,7 +660,8 @@ class TensorRTBackend(Backend):
         self._weight_names = _initializer_names(onnx_bytes)
         self._cache = EngineCache(cache_dir)
         self.key = engine_key(onnx_bytes, precision, self.device)
-        self._runtime = trt.Runtime(_trt_logger())
+        with torch.cuda.device(self.device):
+            self._runtime = trt_create("a runtime", trt.Runtime, _trt_logger(), hint=_SETUP_HINT)
 
         t0 = time.monotonic()
         plan, built = self._get_plan(onnx_bytes, force_rebuild)
@@ -486,8 +678,14 @@ class TensorRTBackend(Backend):
         self.cache_hit = not built
         self.load_s = time.monotonic() - t0
         if validate:
-            self._validate(holder, onnx_bytes)
+            holder.validation = self._validate(holder, onnx_bytes)
         self._engine = holder
+
+    @property
+    def last_validation(self) -> dict[str, Any] | None:
+        """The running engine's check against ONNX Runtime (a rejected swap's is in
+        ``last_rejected_swap``)."""
+        return self._engine.validation
 
     @property
     def engine_path(self) -> Path:
@@ -503,8 +701,11 @@ class TensorRTBackend(Backend):
         return self._cache.get_or_build(self.key, build, progress=log.info, force=force)
 
     def _deserialize(self, plan: bytes) -> Any:
-        with torch.cuda.device(self.device):
-            engine = self._runtime.deserialize_cuda_engine(plan)
+        try:
+            with torch.cuda.device(self.device):
+                engine = self._runtime.deserialize_cuda_engine(plan)
+        except (TypeError, RuntimeError) as exc:
+            raise _EngineMismatch(f"TensorRT could not deserialise the plan: {exc}") from exc
         if engine is None:
             raise _EngineMismatch("TensorRT could not deserialise the plan (other TensorRT build or GPU?)")
         return engine
@@ -515,21 +716,38 @@ class TensorRTBackend(Backend):
         return _Engine(trt, engine, self._shapes, self.device)
 
     def _validate(self, holder: _Engine, onnx_bytes: bytes) -> dict[str, Any]:
-        """Run ``holder`` and ONNX Runtime (same ONNX) on the probe; BackendError if they disagree."""
+        """Run ``holder`` and ONNX Runtime (same ONNX) on the probe; returns the stats, or raises
+        BackendError (carrying them as ``.validation``) if they disagree. Records nothing on
+        the backend: the caller attaches the stats to the holder that goes live."""
         t0 = time.monotonic()
         probe = probe_inputs(self.input_shapes, self.probe_seed)
         stats = compare_outputs(holder.run(probe), onnxruntime_reference(onnx_bytes, probe))
         problems = self.tolerance.violations(stats)
         stats.update(passed=not problems, tolerance=asdict(self.tolerance),
                      ms=round((time.monotonic() - t0) * 1e3, 1))
-        self.last_validation = stats
         if problems:
-            raise BackendError(f"TensorRT {self.precision} engine disagrees with ONNX Runtime on the "
-                               f"probe input ({'; '.join(problems)}); the engine is not used")
+            err = BackendError(f"TensorRT {self.precision} engine disagrees with ONNX Runtime on "
+                               f"the probe input ({'; '.join(problems)}); the engine is not used")
+            err.validation = stats
+            raise err
         return stats
 
     def _build_engine(self, state_dict: dict[str, torch.Tensor]) -> _Engine:
-        """A second engine from the cached plan, refitted with ``state_dict`` and validated."""
+        """A second engine from the cached plan, refitted with ``state_dict`` and validated.
+
+        The running engine is never touched. Whatever fails is a BackendError; the reason (and
+        a failed validation's stats) goes to ``last_rejected_swap``, never to what
+        ``describe()`` says about the running engine.
+        """
+        try:
+            return self._refitted(state_dict)
+        except BackendError as exc:
+            self.last_rejected_swap = {
+                "time": time.time(), "error": str(exc),
+                "validation": getattr(exc, "validation", None)}
+            raise
+
+    def _refitted(self, state_dict: dict[str, torch.Tensor]) -> _Engine:
         trt = import_tensorrt()
         onnx_bytes = export_onnx(self._template_with(state_dict), self.header)
         if _initializer_names(onnx_bytes) != self._weight_names:
@@ -538,29 +756,17 @@ class TensorRTBackend(Backend):
         logger = _trt_logger()
         engine = self._deserialize(self._plan)
         with torch.cuda.device(self.device):
-            refitter = trt.Refitter(engine, logger)
-            parser_refitter = trt.OnnxParserRefitter(refitter, logger)
-            ok = parser_refitter.refit_from_bytes(onnx_bytes)
-            errors = _parser_errors(parser_refitter)
-            missing = list(refitter.get_missing_weights())
-            if missing:
-                raise BackendError(f"refit left {len(missing)} engine weights unset "
-                                   f"(first: {missing[:5]}); keeping the old engine")
-            if not ok:
-                detail = "; ".join(errors) or "no error recorded"
-                if not self.validate:
-                    raise BackendError(f"TensorRT could not refit from the ONNX graph: {detail}")
-                # Some TensorRT 10 releases report failure while every engine weight was set (an
-                # ONNX weight with no engine slot, e.g. one folded away at build time). Nothing is
-                # missing, so the validation against ONNX Runtime below decides.
-                log.warning("OnnxParserRefitter reported failure (%s) but no engine weight is "
-                            "missing; the validation decides", detail)
-            if not refitter.refit_cuda_engine():
-                raise BackendError("TensorRT refit_cuda_engine failed; keeping the old engine")
+            refitter = trt_create("a refitter", trt.Refitter, engine, logger,
+                                  hint="is the engine built with BuilderFlag.REFIT? rebuild it "
+                                       "with runtime.force_rebuild")
+            parser_refitter = trt_create("an ONNX parser refitter", trt.OnnxParserRefitter,
+                                         refitter, logger)
+            report = refit_weights(trt, refitter, parser_refitter, onnx_bytes)
             del parser_refitter, refitter
         holder = self._holder(self._plan, engine)
+        holder.refit = report
         if self.validate:
-            self._validate(holder, onnx_bytes)
+            holder.validation = self._validate(holder, onnx_bytes)
         return holder
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -573,7 +779,9 @@ class TensorRTBackend(Backend):
                 "tensorrt_version": self.tensorrt_version, "gpu": self.key.gpu_name,
                 "compute_capability": self.key.compute_capability, "device": str(self.device),
                 "engine_path": str(self.engine_path), "engine_cache": "hit" if self.cache_hit else "miss",
-                "load_s": round(self.load_s, 2), "last_validation": self.last_validation}
+                "cuda_major": self.key.cuda_major, "load_s": round(self.load_s, 2),
+                "last_validation": self.last_validation, "last_refit": self._engine.refit,
+                "last_rejected_swap": self.last_rejected_swap}
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from pl3d_ros.frame import CameraModel
-from pl3d_ros.pipeline import cover_size, resize_crop
+from pl3d_ros.inputs import cover_size, resize_crop
 
 
 @dataclass

@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,10 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pl3d_ros.atomic_write import atomic_write
 from pl3d_ros.config import ModelConfig, RangeImageConfig
 from pl3d_ros.eval.metrics import IGNORE, ConfusionMatrix
 from pl3d_ros.frame import Frame
 from pl3d_ros.geometry import project_points, range_image_channels, range_projection
+from pl3d_ros.inputs import NetworkInputs, PointOutputs, point_outputs
 from pl3d_ros.labels import ClassSet
 from pl3d_ros.models.checkpoint import CheckpointError, CheckpointHeader, load_checkpoint, save_checkpoint
 from pl3d_ros.models.two_stream import TwoStreamNet, build_model
@@ -55,19 +55,14 @@ class TrainConfig:
 
 @dataclass
 class Sample:
-    """One training frame turned into network inputs and per-point targets.
+    """One augmented training frame: its network inputs and per-point targets.
 
-    image (3, H, W), range_image (5, rows, cols) float32; rows, cols (N,) int64 cell per point;
-    target (N,) int64 train ids (IGNORE = unlabeled); uv (M, 2) float32 input-image pixels of the
-    M in-view points and target_2d (M,) their labels.
+    target (N,) int64 train ids of every point (IGNORE = unlabeled); target_2d (M,) those of the
+    in-view points.
     """
 
-    image: torch.Tensor
-    range_image: torch.Tensor
-    rows: torch.Tensor
-    cols: torch.Tensor
+    inputs: NetworkInputs
     target: torch.Tensor
-    uv: torch.Tensor
     target_2d: torch.Tensor
 
 
@@ -77,7 +72,7 @@ def make_sample(frame: Frame, train_ids: np.ndarray, model: ModelConfig, sensor:
     w, h = model.image_width, model.image_height
     crop = random_crop(frame.camera, w, h, aug, rng)
     proj = project_points(frame.points, crop.camera)
-    uv = proj.uv[proj.in_view].astype(np.float32)
+    uv = proj.uv[proj.in_view].copy()
     if crop.flip:
         uv[:, 0] = (w - 1) - uv[:, 0]
     image = jitter_colour(crop_image(frame.image, crop, w, h), aug, rng)
@@ -85,9 +80,11 @@ def make_sample(frame: Frame, train_ids: np.ndarray, model: ModelConfig, sensor:
     rp = range_projection(pts, sensor)
     rimg = range_image_channels(pts, rp)
     target = torch.from_numpy(train_ids.astype(np.int64))
-    return Sample(image.contiguous(), torch.from_numpy(np.ascontiguousarray(rimg, np.float32)),
-                  torch.from_numpy(rp.rows.astype(np.int64)), torch.from_numpy(rp.cols.astype(np.int64)),
-                  target, torch.from_numpy(uv), target[torch.from_numpy(proj.in_view)])
+    in_view = torch.from_numpy(proj.in_view)
+    inputs = NetworkInputs(image.contiguous()[None], torch.from_numpy(np.ascontiguousarray(rimg, np.float32))[None],
+                           torch.from_numpy(rp.rows.astype(np.int64)), torch.from_numpy(rp.cols.astype(np.int64)),
+                           torch.from_numpy(uv), in_view, crop.camera)
+    return Sample(inputs, target, target[in_view])
 
 
 def class_weights(train_ids: Sequence[np.ndarray], num_classes: int) -> torch.Tensor:
@@ -103,22 +100,12 @@ def class_weights(train_ids: Sequence[np.ndarray], num_classes: int) -> torch.Te
     return torch.tensor(w, dtype=torch.float32)
 
 
-def point_logits(model: TwoStreamNet, batch: list[Sample], device: torch.device):
-    """Forward a batch; -> per sample (3D point logits (N, C), 2D point logits (M, C))."""
-    from pl3d_ros.models.points import sample_pixels
+def point_logits(model: TwoStreamNet, batch: list[Sample], device: torch.device) -> list[PointOutputs]:
+    """Forward a batch (one stacked forward); -> per sample its per-point logits."""
+    inputs = [s.inputs.to(device) for s in batch]
+    logits_2d, logits_3d = model(torch.cat([i.image for i in inputs]), torch.cat([i.range_image for i in inputs]))
+    return [point_outputs(i, logits_2d[b:b + 1], logits_3d[b:b + 1]) for b, i in enumerate(inputs)]
 
-    image = torch.stack([s.image for s in batch]).to(device)
-    rimg = torch.stack([s.range_image for s in batch]).to(device)
-    logits_2d, logits_3d = model(image, rimg)
-    out = []
-    for b, s in enumerate(batch):
-        l3 = logits_3d[b][:, s.rows.to(device), s.cols.to(device)].transpose(0, 1)
-        l2 = sample_pixels(logits_2d[b:b + 1], s.uv.to(device))
-        out.append((l3, l2))
-    return out
-
-
-# -- resumable state (safetensors + JSON; never pickle) ------------------------------------------
 
 def state_path(checkpoint: Path) -> Path:
     return checkpoint.with_name(checkpoint.name + ".train-state")
@@ -136,15 +123,8 @@ def save_train_state(path: Path, optimizer: torch.optim.Optimizer, meta: dict[st
             else:
                 scalars[f"{idx}.{k}"] = v
     info = {"meta": meta, "param_groups": sd["param_groups"], "scalars": scalars}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"pl3d_train": json.dumps(info)})
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    metadata = {"pl3d_train": json.dumps(info)}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_train_state(path: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -225,7 +205,8 @@ def train(frames: list[Frame], out: str | Path, class_set: ClassSet, model_cfg: 
             for g in optimizer.param_groups:
                 g["lr"] = _lr(step, total_steps, cfg)
             loss = torch.zeros((), device=device)
-            for s, (l3, l2) in zip(batch, point_logits(model, batch, device)):
+            for s, po in zip(batch, point_logits(model, batch, device)):
+                l3, l2 = po.logits_3d, po.logits_2d
                 t3, t2 = s.target.to(device), s.target_2d.to(device)
                 loss = loss + F.cross_entropy(l3, t3, weight=weights, ignore_index=IGNORE)
                 if len(t2) and (t2 != IGNORE).any():

@@ -1,0 +1,88 @@
+"""The names of pluggable parts: one registry per set, read by config validation, the parameter
+schema and the CLI's ``choices``.
+
+A registry maps a name to ``"module:attribute"`` and imports it only when asked, so reading the
+names (``pl3d --help``, validating a params file) does not import torch or onnxruntime.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from typing import Any
+
+
+class Registry:
+    """An ordered set of names, each naming a lazily imported object (class or factory)."""
+
+    def __init__(self, kind: str, entries: dict[str, str], doc: str = "") -> None:
+        self.kind = kind
+        self._entries = dict(entries)
+        self.doc = doc
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, name: str) -> Any:
+        """The object registered as ``name`` (imported now); KeyError names the choices."""
+        if name not in self._entries:
+            raise KeyError(f"unknown {self.kind} {name!r}; choose from {', '.join(self.names)}")
+        target = self._entries[name]
+        if not target:
+            raise KeyError(f"{self.kind} {name!r} is a setting, not an implementation")
+        module, _, attr = target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+#: Adaptation methods (``adapt.method``), one class each in pl3d_ros/adapt/methods.py.
+METHODS = Registry("adaptation method", {
+    "source": "pl3d_ros.adapt.methods:Source",
+    "tent": "pl3d_ros.adapt.methods:Tent",
+    "pl": "pl3d_ros.adapt.methods:PseudoLabel",
+    "full": "pl3d_ros.adapt.methods:Full",
+}, "source (no adaptation) | tent | pl | full")
+
+#: Components of ``full`` that ``adapt.disable`` can switch off (the ablation). mla..xm are the
+#: refinement stages and loss terms; restore is the stochastic restore (METHODS.md 5.4), guard the
+#: collapse guard (5.5).
+COMPONENTS = ("mla", "gapp", "connectivity", "negative", "erda", "xm", "restore", "guard")
+
+#: Inference backends (``runtime.backend``): the builders in runtime/factory.py.
+BACKENDS = Registry("backend", {
+    "onnxruntime": "pl3d_ros.runtime.factory:onnxruntime",
+    "torch": "pl3d_ros.runtime.factory:torch_eager",
+    "tensorrt": "pl3d_ros.runtime.factory:tensorrt",
+}, "onnxruntime | torch | tensorrt")
+
+#: Numeric precisions (``runtime.precision``). TensorRT builds engines in either; the CPU
+#: backends run fp32 whatever is asked.
+PRECISIONS = ("fp16", "fp32")
+
+#: Mask providers (``refine.mask_provider``); "auto" picks SAM / MobileSAM when a checkpoint is
+#: set, else superpixels.
+MASK_PROVIDERS = Registry("mask provider", {
+    "auto": "",
+    "superpixel": "pl3d_ros.refine.masks:SuperpixelProvider",
+    "sam": "pl3d_ros.refine.masks:SamProvider",
+    "mobile_sam": "pl3d_ros.refine.masks:MobileSamProvider",
+}, "auto | superpixel | sam | mobile_sam")
+
+#: Trainable parameter sets of the student (``adapt.trainable``).
+TRAINABLE = ("norm", "all")
+
+#: Optimizers of the student (``adapt.optimizer``).
+OPTIMIZERS = ("adam", "sgd")
+
+#: QoS presets of the node's topics (``qos.input`` / ``qos.output``): sensor_data and best_effort
+#: are BEST_EFFORT, reliable is RELIABLE; all VOLATILE, KEEP_LAST.
+QOS_PRESETS = ("sensor_data", "best_effort", "reliable")

@@ -44,11 +44,15 @@ from pl3d_ros.models.espnetv2 import IMAGE_MEAN, SIZE_MULTIPLE, load_espnetv2
 from pl3d_ros.models.mininet3d import (MiniNet3D, load_mininet3d, read_lidar_bonnetal_weights)
 from pl3d_ros.models.points import sample_pixels
 from pl3d_ros.models.range_knn import knn_labels
-from pl3d_ros.pipeline import fit_camera
-from pl3d_ros.pipeline import prepare_image as prepare_cover
+from pl3d_ros.inputs import fit_camera, resize_crop
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+
+def accuracy(cm: ConfusionMatrix) -> float:
+    """Overall point accuracy in %."""
+    return 100.0 * float(np.trace(cm.matrix)) / max(cm.total, 1)
 
 
 def upstream_range_image(points: np.ndarray, rows: int, cols: int, fov_up_deg: float,
@@ -153,7 +157,7 @@ def run_range(args: argparse.Namespace) -> None:
     frames = len(times["network"])
     print(f"\n{frames} frames, {cm.total} labelled points, projection {args.projection}, labels by "
           f"{'KNN (k=%d, S=%d)' % (model.knn.knn, model.knn.search) if args.knn else 'range cell'}")
-    print(f"19-class all-points mIoU: {cm.miou():.2f} %   (overall accuracy {cm.accuracy():.2f} %)")
+    print(f"19-class all-points mIoU: {cm.miou():.2f} %   (overall accuracy {accuracy(cm):.2f} %)")
     present = cm.matrix.sum(1) > 0
     iou = cm.iou()
     print(f"  mIoU over the {int(present.sum())} classes with ground-truth points: "
@@ -204,7 +208,7 @@ def run_image(args: argparse.Namespace) -> None:
                 # camera adjusted; points outside the crop are out of view
                 w, h = (int(v) for v in args.size[6:].split("x"))
                 camera, size, offset = fit_camera(camera, w, h)
-                image, (sx, sy) = torch.from_numpy(prepare_cover(rgb, size, offset, (w, h))), (1.0, 1.0)
+                image, (sx, sy) = resize_crop(rgb, size, offset, (w, h)).contiguous(), (1.0, 1.0)
             else:
                 image, (sx, sy) = prepare_image(rgb, args.size)
             t1 = time.perf_counter()
@@ -231,7 +235,7 @@ def run_image(args: argparse.Namespace) -> None:
                   f"network {1000 * (t2 - t1b):.0f} ms", flush=True)
     frames = len(times["network"])
     print(f"\n{frames} images, input sizes (h, w) {sorted(shapes)}, {cm.total} labelled points in view")
-    print(f"xmuda10 2D mIoU at points: {cm.miou():.2f} %   (overall accuracy {cm.accuracy():.2f} %)")
+    print(f"xmuda10 2D mIoU at points: {cm.miou():.2f} %   (overall accuracy {accuracy(cm):.2f} %)")
     scored = (cm.matrix.sum(1) > 0) & np.array([t not in cmap.empty_targets for t in classes.names])
     print(f"  mIoU over the {int(scored.sum())} classes with ground-truth points and a source class: "
           f"{100 * float(np.mean(cm.iou()[scored])):.2f} %")

@@ -16,9 +16,11 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
 from conftest import kitti_sequence_dir, pretrained_path
+from fakes import MININET_SMALL as SMALL_CFG
+from fakes import RANGE_SPEC as SMALL_SPEC
+from fakes import small_mininet, write_bonnetal_folder
 from pl3d_ros.eval.metrics import ConfusionMatrix
 from pl3d_ros.geometry import project_points, range_image_channels, range_projection
 from pl3d_ros.io.kitti import KittiSequence
@@ -29,11 +31,6 @@ from pl3d_ros.models.mininet3d import (MiniNet3D, MiniNet3DConfig, ProjectionMod
                                        blocks_in_weights, enc3_dilations, group_points, load_mininet3d)
 from pl3d_ros.models.points import sample_pixels
 from pl3d_ros.models.pretrained import PretrainedError, load_strict, read_state_dict
-
-SMALL_CFG = MiniNet3DConfig(features=16, enc_blocks_1=2, enc_blocks_2=3, dec_features=16,
-                            dec_blocks_1=2, dec_blocks_2=1, num_classes=20)
-SMALL_SPEC = RangeInputSpec("test", 16, 64, 3.0, -25.0, (12.12, 10.88, 0.23, -1.04, 0.21),
-                            (12.32, 11.47, 6.91, 0.86, 0.16))
 
 
 @pytest.fixture(autouse=True)
@@ -49,16 +46,6 @@ def random_range_image(rows: int, cols: int, seed: int = 0, empty: float = 0.3) 
     rem = torch.rand(1, 1, rows, cols, generator=g)
     img = torch.cat([rng, xyz, rem], 1)
     return img * (torch.rand(1, 1, rows, cols, generator=g) > empty)
-
-
-def small_mininet(seed: int = 0) -> MiniNet3D:
-    torch.manual_seed(seed)
-    model = MiniNet3D(SMALL_CFG, SMALL_SPEC)
-    for m in model.modules():  # non-trivial BN statistics
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    return model.eval()
 
 
 # -- reading state-dict files -------------------------------------------------------------------
@@ -140,31 +127,9 @@ def test_espnetv2_strict_load_reports_every_problem(tmp_path):
     assert "base_net.level1.conv.weight (file (32, 3, 1, 1), model (32, 3, 3, 3))" in msg
 
 
-def _write_bonnetal_folder(folder, model: MiniNet3D, arch_blocks_1: int) -> None:
-    folder.mkdir()
-    torch.save(model.backbone.state_dict(), folder / "backbone")
-    torch.save(model.decoder.state_dict(), folder / "segmentation_decoder")
-    torch.save(model.head.state_dict(), folder / "segmentation_head")
-    c, s = model.cfg, model.spec
-    arch = {
-        "backbone": {"name": "3dmininet", "input_depth": {"range": True, "xyz": True, "remission": True},
-                     "block_1": arch_blocks_1, "block_2": c.enc_blocks_2, "features_bottleneck": c.features, "OS": 16},
-        "decoder": {"name": "3dmininet", "block_1": c.dec_blocks_1, "block_2": c.dec_blocks_2,
-                    "features_bottleneck": c.dec_features},
-        "post": {"KNN": {"use": True, "params": {"knn": 7, "search": 7, "sigma": 1.0, "cutoff": 2.0}}},
-        "dataset": {"sensor": {"name": s.sensor, "fov_up": s.fov_up_deg, "fov_down": s.fov_down_deg,
-                               "img_prop": {"width": s.cols, "height": s.rows},
-                               "img_means": list(s.means), "img_stds": list(s.stds)}},
-    }
-    (folder / "arch_cfg.yaml").write_text(yaml.safe_dump(arch))
-    names = ["unlabeled"] + [f"c{i}" for i in range(1, 20)]
-    data = {"labels": {i: n for i, n in enumerate(names)}, "learning_map_inv": {i: i for i in range(20)}}
-    (folder / "data_cfg.yaml").write_text(yaml.safe_dump(data))
-
-
 def test_lidar_bonnetal_folder_loads_and_block_counts_come_from_weights(tmp_path):
     model = small_mininet(seed=1)
-    _write_bonnetal_folder(tmp_path / "ok", model, arch_blocks_1=SMALL_CFG.enc_blocks_1)
+    write_bonnetal_folder(tmp_path / "ok", model, arch_blocks_1=SMALL_CFG.enc_blocks_1)
     loaded = load_mininet3d(tmp_path / "ok")
     assert loaded.config_notes == ()
     assert loaded.spec == SMALL_SPEC and loaded.knn.knn == 7 and loaded.class_names[0] == "unlabeled"
@@ -173,7 +138,7 @@ def test_lidar_bonnetal_folder_loads_and_block_counts_come_from_weights(tmp_path
         assert torch.equal(loaded(x), model(x))
 
     # A released arch_cfg.yaml that under-states block_1 (3D-MiniNet-tiny: 6 vs 7 in the weights).
-    _write_bonnetal_folder(tmp_path / "understated", model, arch_blocks_1=1)
+    write_bonnetal_folder(tmp_path / "understated", model, arch_blocks_1=1)
     loaded = load_mininet3d(tmp_path / "understated")
     assert loaded.cfg.enc_blocks_1 == 2
     assert loaded.config_notes == ("enc_blocks_1: arch_cfg.yaml says 1, the weights hold 2",)

@@ -337,5 +337,5 @@ class Adapter:
                 "collapse_restores": self._collapse_restores, "saved_unix_s": time.time(),
                 "resumed_from": self.resumed_from,
             }
-            header = CheckpointHeader(self.header.model, self.header.class_set, self.header.sensor, training)
+            header = dataclasses.replace(self.header, training=training)  # branches kept
             return save_checkpoint(path, self.method.teacher, header)

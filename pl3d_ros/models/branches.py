@@ -7,10 +7,15 @@ intensity) with zeros in empty cells.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from pl3d_ros.models.blocks import UNet
+
+if TYPE_CHECKING:
+    from pl3d_ros.models.checkpoint import CheckpointHeader
 
 IMAGE_MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics: a convention, not a trained value
 IMAGE_STD = (0.229, 0.224, 0.225)
@@ -59,3 +64,32 @@ class RangeBranch(_Branch):
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         occupied = (x[:, :1] > 0).to(x.dtype)
         return super().normalise(x) * occupied
+
+
+class UNetImage:
+    """The ``unet`` image architecture (registry.IMAGE_BRANCHES): sized by ``model.image_widths``,
+    which ModelConfig.check validates; nothing in the header's ``branches``."""
+
+    imported = False
+
+    @staticmethod
+    def check(header: CheckpointHeader) -> None:
+        """Nothing beyond ModelConfig.check."""
+
+    @staticmethod
+    def build(header: CheckpointHeader) -> ImageBranch:
+        return ImageBranch(header.class_set.num_classes, list(header.model.image_widths))
+
+
+class UNetRange:
+    """The ``unet`` range architecture (registry.RANGE_BRANCHES), sized by ``model.range_widths``."""
+
+    imported = False
+
+    @staticmethod
+    def check(header: CheckpointHeader) -> None:
+        """Nothing beyond ModelConfig.check / check_sensor."""
+
+    @staticmethod
+    def build(header: CheckpointHeader) -> RangeBranch:
+        return RangeBranch(header.class_set.num_classes, list(header.model.range_widths))

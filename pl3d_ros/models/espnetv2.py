@@ -42,6 +42,7 @@ __all__ = [
     "SIZE_MULTIPLE",
     "ESPNetv2",
     "load_espnetv2",
+    "scale_of",
 ]
 
 #: Output channels of EdgeNets' segmentation ESPNetv2 on Cityscapes, in order (19 + background).
@@ -374,12 +375,13 @@ class ESPNetv2(nn.Module):
     """
 
     def __init__(self, num_classes: int = 20, scale: float = 2.0,
-                 class_names: tuple[str, ...] | None = None) -> None:
+                 class_names: tuple[str, ...] | None = None,
+                 mean: tuple[float, ...] = IMAGE_MEAN, std: tuple[float, ...] = IMAGE_STD) -> None:
         super().__init__()
         self.num_classes, self.scale = num_classes, scale
         self.class_names = tuple(class_names) if class_names else tuple(f"class{i}" for i in range(num_classes))
-        self.register_buffer("mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.base_net = EESPNetEncoder(scale)
         c = self.base_net.channels
         dec = (4 * DECODER_BASE, 3 * DECODER_BASE, 2 * DECODER_BASE)
@@ -418,13 +420,26 @@ class ESPNetv2(nn.Module):
         return self.forward_features(image)[0]
 
 
-def load_espnetv2(path: str | Path, scale: float = 2.0, num_classes: int | None = None,
+def scale_of(state_dict: dict[str, torch.Tensor], source: str = "state dict") -> float:
+    """The width s of an EdgeNets ESPNetv2 state dict, from its level-4 channels (unique per s)."""
+    key = "base_net.level4_0.act.weight"
+    if key not in state_dict:
+        raise PretrainedError(f"{source}: no {key}; not an EdgeNets ESPNetv2 segmentation state dict")
+    channels = int(state_dict[key].shape[0])
+    by_channels = {c[3]: s for s, c in CHANNELS.items()}
+    if channels not in by_channels:
+        raise PretrainedError(f"{source}: level 4 has {channels} channels; known ESPNetv2 widths: "
+                              + ", ".join(f"s={s} ({c[3]})" for s, c in CHANNELS.items()))
+    return by_channels[channels]
+
+
+def load_espnetv2(path: str | Path, scale: float | None = None, num_classes: int | None = None,
                   class_names: tuple[str, ...] = CITYSCAPES_CLASSES) -> ESPNetv2:
     """An ESPNetv2 from an EdgeNets segmentation state dict, loaded strictly, in eval mode.
 
     Args:
         path: e.g. ``espnetv2_s_2.0_city_1024x512.pth`` (a plain tensor state dict).
-        scale: the network width s (2.0 for that file).
+        scale: the network width s (default: read from the file, ``scale_of``).
         num_classes: outputs; default: from the classifier's weight in the file.
         class_names: names of the outputs (default: Cityscapes' 19 + background).
 
@@ -432,6 +447,8 @@ def load_espnetv2(path: str | Path, scale: float = 2.0, num_classes: int | None 
         PretrainedError: unreadable / not a tensor state dict, or it does not fit.
     """
     sd = read_state_dict(path)
+    if scale is None:
+        scale = scale_of(sd, str(path))
     key = "bu_dec_l4.merge_layer.3.weight"
     if num_classes is None:
         if key not in sd:

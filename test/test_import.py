@@ -129,6 +129,36 @@ def test_import_one_branch_keeps_the_other_from_a_checkpoint(upstream, imported,
     assert not torch.equal(net2.image.net.base_net.level1.conv.weight, net1.image.net.base_net.level1.conv.weight)
 
 
+def test_import_to_semantickitti19_and_other_backbones_refused(upstream, tmp_path):
+    from pl3d_ros.labels import load_class_set
+    from pl3d_ros.models.importer import compose, import_image, import_range
+    from pl3d_ros.models.pretrained import PretrainedError
+
+    k19 = load_class_set("semantickitti19")
+    net, h = compose(k19, range_part=import_range(upstream["folder"], k19),
+                     image_part=import_image(upstream["image"], k19), image_size=(64, 32))
+    assert h.branches["image"].class_map["other-vehicle"] == ["bus", "train"]
+    assert h.branches["image"].class_map["parking"] == [] and "rider" not in sum(h.branches["image"].class_map.values(), [])
+    assert h.branches["range"].class_map["other-ground"] == ["other-ground"]
+    image, range_image = _inputs(h)
+    with torch.no_grad():
+        l2, l3 = net(image, range_image)
+        ref = upstream["mininet"](range_image)[:, 1:]  # identity map: 'unlabeled' dropped
+    assert l2.shape[1] == l3.shape[1] == 19 and torch.allclose(l3, ref, atol=1e-5)
+
+    import shutil
+
+    import yaml
+
+    other = tmp_path / "darknet"
+    shutil.copytree(upstream["folder"], other)
+    arch = yaml.safe_load((other / "arch_cfg.yaml").read_text())
+    arch["backbone"] = {"name": "darknet", "input_depth": arch["backbone"]["input_depth"], "layers": 53}
+    (other / "arch_cfg.yaml").write_text(yaml.safe_dump(arch))
+    with pytest.raises(PretrainedError, match="backbone 'darknet' is not 3D-MiniNet"):
+        import_range(other, k19)
+
+
 class _Payload:
     """Pickles into a call of os.mkdir: loading it without weights_only would run it."""
 

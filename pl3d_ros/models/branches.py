@@ -66,30 +66,22 @@ class RangeBranch(_Branch):
         return super().normalise(x) * occupied
 
 
-class UNetImage:
-    """The ``unet`` image architecture (registry.IMAGE_BRANCHES): sized by ``model.image_widths``,
-    which ModelConfig.check validates; nothing in the header's ``branches``."""
+class UNetArch:
+    """The ``unet`` architecture of one branch (registry.IMAGE_BRANCHES / RANGE_BRANCHES): sized
+    by ``model.image_widths`` / ``range_widths``, which ModelConfig.check validates; it has no
+    entry in the header's ``branches``."""
 
     imported = False
 
-    @staticmethod
-    def check(header: CheckpointHeader) -> None:
-        """Nothing beyond ModelConfig.check."""
+    def __init__(self, kind: str, branch: type[_Branch]) -> None:
+        self.kind, self.branch = kind, branch
 
-    @staticmethod
-    def build(header: CheckpointHeader) -> ImageBranch:
-        return ImageBranch(header.class_set.num_classes, list(header.model.image_widths))
-
-
-class UNetRange:
-    """The ``unet`` range architecture (registry.RANGE_BRANCHES), sized by ``model.range_widths``."""
-
-    imported = False
-
-    @staticmethod
-    def check(header: CheckpointHeader) -> None:
+    def check(self, header: CheckpointHeader) -> None:
         """Nothing beyond ModelConfig.check / check_sensor."""
 
-    @staticmethod
-    def build(header: CheckpointHeader) -> RangeBranch:
-        return RangeBranch(header.class_set.num_classes, list(header.model.range_widths))
+    def build(self, header: CheckpointHeader) -> _Branch:
+        return self.branch(header.class_set.num_classes, list(getattr(header.model, f"{self.kind}_widths")))
+
+
+UNetImage = UNetArch("image", ImageBranch)
+UNetRange = UNetArch("range", RangeBranch)

@@ -36,11 +36,11 @@ from pl3d_ros.models.two_stream import TwoStreamNet, build_from_header
 
 __all__ = ["DEFAULT_IMAGE_SIZE", "ImportedPart", "compose", "import_image", "import_range", "parse_size"]
 
-#: Image input of an imported ESPNetv2 unless --image-size says otherwise. 1024x320 scores ~3.8
+#: Image input of an imported ESPNetv2 unless --image-size says otherwise. 1024x320 scores ~4
 #: points more 2D mIoU on KITTI than 640x192 (bench/pretrained_check.py image: 32.3 vs 28.6 %)
-#: but costs 3.3x the image-branch time (ONNX Runtime, 1 thread: 320 vs 96 ms), while the
-#: 3D-MiniNet range branch alone takes ~150 ms: 640x192 keeps the frame nearest the CPU budget,
-#: and is the input of the `cpu` preset the 40-frame model uses.
+#: but costs 3.3x the image-branch time (ONNX Runtime, 1 thread: 320 vs 96 ms) while the
+#: 3D-MiniNet range branch alone takes ~150 ms of a ~100-150 ms CPU budget; and fused it scores
+#: less (KITTI 04 + 05, in view: 38.4 vs 41.7 %, README). 640x192 is also the `cpu` preset's input.
 DEFAULT_IMAGE_SIZE = (640, 192)
 
 #: Licence notes by the label space the weights were trained in (what the source classes say);
@@ -142,7 +142,7 @@ def import_image(path: str | Path, class_set: ClassSet, licence: str | None = No
                 "code_licence": _code_licence(path.parent)},
         notes=[],
     )
-    summary = (f"image: ESPNetv2 s={net.scale:g} from {path} ({_parameters(net)}); cityscapes -> "
+    summary = (f"image: ESPNetv2 s={net.scale} from {path} ({_parameters(net)}); cityscapes -> "
                f"{class_set.name} (left out: {', '.join(cmap.unmapped_sources)}; no source: "
                f"{', '.join(cmap.empty_targets) or 'none'})")
     return ImportedPart(spec, net, summary)

@@ -183,6 +183,8 @@ class MiniNet3DConfig:
         try:
             bb, dec = arch["backbone"], arch["decoder"]
             name = str(bb.get("name", "3dmininet"))
+            if not name.startswith("3dmininet"):  # before the sizes: other backbones have others
+                raise PretrainedError(f"{source}: backbone {name!r} is not 3D-MiniNet")
             depth = bb.get("input_depth", {})
             cfg = cls(features=int(bb["features_bottleneck"]), enc_blocks_1=int(bb["block_1"]),
                       enc_blocks_2=int(bb["block_2"]), dec_features=int(dec["features_bottleneck"]),
@@ -191,8 +193,6 @@ class MiniNet3DConfig:
             os_ = int(bb.get("OS", 16))
         except (KeyError, TypeError, ValueError) as exc:
             raise PretrainedError(f"{source}: backbone/decoder settings incomplete ({exc!r})") from exc
-        if not name.startswith("3dmininet"):
-            raise PretrainedError(f"{source}: backbone {name!r} is not 3D-MiniNet")
         # Upstream's data loader always builds all 11 point features; other flags cannot run there.
         if not all(bool(depth.get(k, True)) for k in ("range", "xyz", "remission")):
             raise PretrainedError(f"{source}: 3D-MiniNet needs input_depth range, xyz and remission all True")

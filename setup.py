@@ -46,6 +46,9 @@ setup(
         "scipy>=1.10",  # KD-trees for propagation
         "scikit-image>=0.21",  # Felzenszwalb superpixels, the default mask provider
         "matplotlib>=3.7",  # report plots (Agg backend, headless)
+        # `pl3d bench` runs each cell of its grid as a Ray task: locally (ray.init with N workers)
+        # or on a cluster (--address / RAY_ADDRESS). The core package only; no dashboard extras.
+        "ray>=2.40",
         # Mask providers: SAM (vit_b/l/h) and MobileSAM (vit_t; its module needs timm).
         "segment-anything>=1.0",
         "mobilesam-mirror",

@@ -186,6 +186,28 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pl3d_ros.eval.bench import load_grid, run_grid
+
+    def names(text: str | None) -> list[str] | None:
+        return [n.strip() for n in text.split(",") if n.strip()] if text else None
+
+    try:
+        seeds = [int(s) for s in names(args.seeds)] if args.seeds else None
+    except ValueError:
+        from pl3d_ros.config import ConfigError
+
+        raise ConfigError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    grid = load_grid(args.grid).select(methods=names(args.only_methods), streams=names(args.only_streams),
+                                       seeds=seeds, max_frames=args.max_frames, model=args.model)
+    results = run_grid(grid, args.out, workers=args.workers, address=args.address, cache=args.cache)
+    print((Path(args.out) / "results.md").read_text())
+    c = results["counts"]
+    print(f"{c['cells']} cells: {c['ran']} ran, {c['resumed']} resumed, {c['failed']} failed; "
+          f"results: {Path(args.out) / 'results.md'}, {Path(args.out) / 'results.json'}")
+    return 1 if c["failed"] else 0  # scripts see a grid with failed cells
+
+
 def cmd_sim(args: argparse.Namespace) -> int:
     from pl3d_ros.sim.presets import PRESETS
 
@@ -540,6 +562,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", default=None, help="run name in tables and plots")
     _add_read_options(p)
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser(
+        "bench", help="a grid of methods x streams x seeds, each cell a replay on Ray, merged tables",
+        description="Run every cell (stream x method x seed) of GRID.yaml as a replay in a Ray task "
+                    "(one CPU each, N at a time), skip cells already done in --out, then merge into "
+                    "OUT/results.json, OUT/results.md (mean ± std over seeds, ablations, windows) and "
+                    "OUT/plots/. Grid format: pl3d_ros/eval/bench.py; grids: bench/grids/.",
+    )
+    p.add_argument("grid", help="grid spec YAML, e.g. bench/grids/real.yaml")
+    p.add_argument("--out", required=True, help="results folder (cells in OUT/cells/; resumes)")
+    p.add_argument("--workers", type=int, default=None, help="cells at once (default: the CPUs; on a "
+                   "cluster its CPUs)")
+    p.add_argument("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else a "
+                   "private local instance); inputs, cache and OUT must be on shared storage")
+    p.add_argument("--cache", default=None, help="simulated bags (default: $PL3D_CACHE/bench or "
+                   "~/.cache/pl3d_ros/bench)")
+    p.add_argument("--max-frames", type=int, default=None, help="cap every stream at N frames")
+    p.add_argument("--only-methods", default=None, help="comma list of the grid's methods to run")
+    p.add_argument("--only-streams", default=None, help="comma list of the grid's streams to run")
+    p.add_argument("--seeds", default=None, help="comma list of seeds instead of the grid's")
+    p.add_argument("--model", default=None, help="checkpoint for every stream instead of the grid's")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
         "sim", help="simulate a camera+LiDAR drive into a ROS 2 bag",

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pl3d_ros import registry
+from pl3d_ros.io.odometry import ODOM_FRAME
 from pl3d_ros.settings import ConfigError, Leaf, Root, Section, leaves, section, sections, setting
 
 __all__ = ["Config", "ConfigError", "TrainingConfig", "ModelConfig", "RangeImageConfig", "Leaf", "leaves",
@@ -245,12 +246,26 @@ class AdaptConfig(Section):
                           choices=lambda: registry.METHODS.names)
     disable: list[str] = setting([], "components of full to switch off (the ablation)",
                                  items=registry.COMPONENTS)
-    trainable: str = setting("norm", "student parameters that adapt (norm = normalisation layers)",
-                             choices=registry.TRAINABLE)
+    trainable: str = setting("norm", "student parameters that adapt (norm = normalisation layers, norm_heads = "
+                             "those and the classifier heads)", choices=registry.TRAINABLE)
     optimizer: str = setting("adam", "optimizer of the student", choices=registry.OPTIMIZERS)
-    lr: float = setting(1e-3, "learning rate of the student (Adam on norm layers: 1e-3 as TENT, CoTTA)",
+    lr: float = setting(1e-3, "learning rate of the student's normalisation parameters (Adam: 1e-3 as TENT, CoTTA)",
                         gt=0.0, max=10.0)
-    steps_per_frame: int = setting(1, "adaptation steps per frame (lockstep replay)", min=1, max=1000)
+    other_lr_scale: float = setting(0.1, "learning rate of the other trainable parameters, relative to lr",
+                                    min=0.0, max=10.0)
+    deploy: str = setting("teacher", "network handed to the backend (full; tent and pl deploy their adapted network)",
+                          choices=("teacher", "student"))
+    precision: str = setting("fp32", "arithmetic of adaptation forwards and backwards (bf16: autocast, faster on "
+                             "CPUs with AVX512-BF16 and on GPUs)", choices=("fp32", "bf16"))
+    steps_per_frame: int = setting(1, "adaptation steps per new frame (lockstep replay; the step budget of every "
+                                   "method)", min=1, max=1000)
+    batch_frames: int = setting(1, "frames per step: the newest and batch_frames - 1 from the memory", min=1, max=64)
+    memory_frames: int = setting(32, "target-frame memory: frames kept for later steps (0 = none)", min=0, max=10000)
+    memory_mb: float = setting(512.0, "target-frame memory: size bound", unit="MB", gt=0.0)
+    memory_refresh_steps: int = setting(10, "re-label the memory with the teacher every n steps (0 = never)",
+                                        min=0)
+    memory_steps_per_frame: int = setting(0, "realtime: steps on memory frames alone while no new frame waits, "
+                                          "at most this many per new frame (0 = none)", min=0, max=1000)
     buffer_frames: int = setting(4, "bounded drop-oldest buffer between inference and adaptation", min=1)
     swap_every_steps: int = setting(5, "hand the teacher to the inference backend every m steps", min=1)
     teacher_momentum: float = setting(0.999, "EMA momentum of the teacher per step", min=0.0, max=1.0)
@@ -324,7 +339,7 @@ class TopicsConfig(Section):
 
 @dataclass
 class FramesConfig(Section):
-    """LiDAR -> camera extrinsics: tf2 (default) or a fixed matrix."""
+    """LiDAR -> camera extrinsics: tf2 (default) or a fixed matrix; the odometry frame."""
 
     key = "frames"
 
@@ -334,6 +349,8 @@ class FramesConfig(Section):
     lidar_frame: str = setting("", "LiDAR frame for tf2; \"\" = the cloud's header.frame_id")
     tf_retry_s: float = setting(1.0, "period of the tf2 lookup until the transform is found", unit="s",
                                 gt=0.0, max=3600.0)
+    odom_frame: str = setting(ODOM_FRAME, "odometry frame: T_odom_lidar looked up in tf2 at each cloud's "
+                              "stamp (never waiting; a frame without it has no pose); \"\" = no odometry")
 
     def check(self) -> None:
         if self.static_extrinsics:

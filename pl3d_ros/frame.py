@@ -177,6 +177,9 @@ class Frame:
             counted before); ``dropped_far`` of them for their range.
         dropped_far: points dropped for lying beyond :data:`MAX_POINT_RANGE_M`.
         zeroed_intensity: kept points whose non-finite intensity was set to 0.
+        pose: optional (4, 4) float64 T_odom_lidar, the LiDAR's pose in an odometry frame
+            (maps LiDAR coordinates into odometry coordinates, metres), checked rigid like the
+            extrinsics; None when no odometry is known for this frame.
     """
 
     stamp_ns: int
@@ -189,6 +192,7 @@ class Frame:
     dropped_points: int = 0
     dropped_far: int = 0
     zeroed_intensity: int = 0
+    pose: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.camera, CameraModel):
@@ -256,6 +260,8 @@ class Frame:
                 "this image stream (or the image was resized without adjusting K)"
             )
         self.image = img
+        if self.pose is not None:
+            self.pose = check_rigid(self.pose, "pose (T_odom_lidar)")
 
     @property
     def num_points(self) -> int:

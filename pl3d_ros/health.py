@@ -22,7 +22,10 @@ class AdapterHealth:
     ended); errors / last_error: failed (rolled-back) steps and hand-offs; weight_swaps /
     last_swap_time (wall-clock s): deployments to the backend; restores / collapse_restores:
     returns to the source (every kind / by the collapse guard); last_step_ms: wall time of the
-    last frame's adaptation; resumed_from: the adapted checkpoint it started from. Pseudo-label
+    last frame's adaptation; resumed_from: the adapted checkpoint it started from; the target-
+    frame memory (frames, MB, steps on memory frames alone, lazy re-labellings); frame_work_ms /
+    step_ms: the last new frame's own work (teacher and source forwards, masks, refinement) and the
+    last step (one batched student forward + backward). Pseudo-label
     density (share of points labelled) and precision (against ground truth, None without) of the
     last frame, by stage.
     """
@@ -42,6 +45,12 @@ class AdapterHealth:
     collapse_restores: int = 0
     last_step_ms: float | None = None
     resumed_from: str | None = None
+    memory_frames: int = 0
+    memory_mb: float = 0.0
+    memory_steps: int = 0
+    memory_refreshes: int = 0
+    frame_work_ms: float | None = None
+    step_ms: float | None = None
     pseudo_label_density: float | None = None
     base_density: float | None = None
     base_precision: float | None = None

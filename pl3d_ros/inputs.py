@@ -123,6 +123,15 @@ class PointOutputs:
     feat_2d: torch.Tensor | None = None
     feat_3d: torch.Tensor | None = None
 
+    def float(self) -> PointOutputs:
+        """The same outputs in float32 (after a bf16 autocast forward); no copy when already."""
+        def f(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t if t is None or t.dtype == torch.float32 else t.float()
+
+        if all(t is None or t.dtype == torch.float32 for t in (self.logits_2d, self.logits_3d, self.feat_2d, self.feat_3d)):
+            return self
+        return PointOutputs(f(self.logits_2d), f(self.logits_3d), f(self.feat_2d), f(self.feat_3d))
+
     def probs(self, in_view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (prob_2d (M, C), prob_3d (N, C), fused (N, C)): softmax per branch, then the
         entropy-weighted fusion that inference deploys."""

@@ -9,8 +9,9 @@ std_srvs or the ROS message packages. Everything that decides something lives in
 the tests run: ``app.py`` (segmenter, adapter, weight deployer), ``runner.py`` (inference
 thread, latest-frame slot), ``health.py`` (diagnostics), ``cpu_budget.py`` (threads and
 priorities), ``ros_params.py`` (parameters from the settings' declarations, QoS presets),
-``io/extrinsics.py`` (tf2 cache), ``io/frames.py`` (messages -> Frame, Prediction -> output
-clouds) and ``io/ros_msgs.py`` (every message layout).
+``io/extrinsics.py`` (tf2 cache), ``io/odometry.py`` (odometry poses: validation, counts),
+``io/frames.py`` (messages -> Frame, Prediction -> output clouds) and ``io/ros_msgs.py`` (every
+message layout).
 
 Threads: a SingleThreadedExecutor runs the subscriptions (the synchronizer callback only converts
 a synced set into a Frame and puts it in the runner's depth-1 slot), the tf2 retry timer, the
@@ -65,6 +66,7 @@ from pl3d_ros.guard import CallbackGuard
 from pl3d_ros.health import FrameTiming
 from pl3d_ros.io.extrinsics import Extrinsics
 from pl3d_ros.io.frames import frame_from_messages, output_arrays
+from pl3d_ros.io.odometry import OdometryPoses
 from pl3d_ros.io.ros_msgs import MessageError, MessageFactory, make_cloud, make_header
 from pl3d_ros.ros_logging import bridge_logging
 from pl3d_ros.ros_params import config_from_parameters, parameter_specs, qos_settings
@@ -136,6 +138,7 @@ class Pl3dNode(Node):
         self.guard = CallbackGuard(logger=logging.getLogger("pl3d_ros.node"))
         guard = self.guard.wrap
         self.extrinsics = Extrinsics.from_config(cfg)
+        self.odometry = OdometryPoses.from_config(cfg)
         self._seq = 0
         self._waiting_tf = 0
         self._rejected = 0
@@ -158,9 +161,10 @@ class Pl3dNode(Node):
             stamp_clock=lambda: self.get_clock().now().nanoseconds,  # sim time: 0 until the first /clock
         )
 
-        if self.extrinsics.static is None:
+        if self.extrinsics.static is None or self.odometry.enabled:
             self.tf_buffer = tf2_ros.Buffer()
             self.tf_listener = tf2_ros.TransformListener(self.tf_buffer, self)
+        if self.extrinsics.static is None:
             self.tf_timer = self.create_timer(cfg.frames.tf_retry_s, guard("tf_lookup", self._lookup_transforms))
 
         in_qos = make_qos(cfg.qos.input, cfg.qos.input_depth)  # explicit: the default is RELIABLE
@@ -218,8 +222,25 @@ class Pl3dNode(Node):
             self._rejected += 1
             self.get_logger().warning(f"synced set rejected: {exc}", throttle_duration_sec=5.0)
             return
+        if self.odometry.enabled:
+            frame.pose = self._odometry_pose(lidar, cloud)
         self._seq += 1
         self.runner.submit(frame)
+
+    def _odometry_pose(self, lidar: str, cloud: PointCloud2) -> np.ndarray | None:
+        """T_odom_lidar at the cloud's stamp from tf2, or None (counted). Buffer.lookup_transform's
+        timeout defaults to zero: it checks the buffer once and never waits, so the executor
+        (and the synchronizer's lock) is never held here. tf2 interpolates between the
+        neighbouring samples; a stamp past the newest one raises an ExtrapolationException."""
+        try:
+            ts = self.tf_buffer.lookup_transform(self.odometry.odom_frame, lidar, cloud.header.stamp)
+        except tf2_ros.TransformException as exc:
+            self.odometry.missed(str(exc))
+            self.get_logger().warning(f"no odometry {lidar} -> {self.odometry.odom_frame} at the cloud's "
+                                      f"stamp: {exc}; frame goes on without a pose",
+                                      throttle_duration_sec=5.0)
+            return None
+        return self.odometry.found(ts)
 
     def _lookup_transforms(self) -> None:
         """Timer: look up wanted camera <- LiDAR transforms (latest, non-blocking), cache them."""
@@ -307,6 +328,8 @@ class Pl3dNode(Node):
             stat.add(key, value)
         stat.add("frames_waiting_for_tf", str(self._waiting_tf))
         stat.add("synced_sets_rejected", str(self._rejected))
+        for key, value in self.odometry.values().items():
+            stat.add(key, value)
         stat.add("callback_errors", str(self.guard.total))
         return stat
 

@@ -90,8 +90,9 @@ MASK_PROVIDERS = Registry("mask provider", {
     "mobile_sam": "pl3d_ros.refine.masks:MobileSamProvider",
 }, "auto | superpixel | sam | mobile_sam")
 
-#: Trainable parameter sets of the student (``adapt.trainable``).
-TRAINABLE = ("norm", "all")
+#: Trainable parameter sets of the student (``adapt.trainable``): normalisation affines, those
+#: and the classifier heads, everything.
+TRAINABLE = ("norm", "norm_heads", "all")
 
 #: Optimizers of the student (``adapt.optimizer``).
 OPTIMIZERS = ("adam", "sgd")

@@ -203,7 +203,7 @@ def test_baselines_step(method):
     if method == "source":
         assert h.steps == 0 and not calls and torch.equal(bn_weights(ad.teacher), src_bn)
         return
-    assert h.steps == (1 if method == "tent" else 3)  # TENT: one step per frame
+    assert h.steps == 3  # every method gets the same step budget (tent too)
     assert len(calls) == h.steps
     assert not torch.equal(bn_weights(ad.teacher), src_bn)
     if method == "pl":
@@ -292,3 +292,85 @@ def test_a_deployed_network_with_non_finite_outputs_is_replaced_by_the_source():
     assert all(torch.equal(v, src[k]) for k, v in ad.teacher.state_dict().items())
     assert len(calls) == 1 and ad.health().restores == 1
     assert "error" not in ad.step(synthetic_frame(1, seq=1))
+
+
+def test_memory_batches_refresh_and_memory_steps():
+    """With batch_frames 2 each step trains on the newest frame and one memory frame (one batched
+    forward); memory frames are re-labelled by the teacher once their labels are old; a memory
+    step needs no new frame."""
+    pytest.importorskip("skimage")
+    cfg = make_cfg(refine=True, batch_frames=2, memory_frames=2, memory_refresh_steps=2, steps_per_frame=2)
+    ad = Adapter(confident_model(), header(), cfg, seed=0)
+    seen = []
+    real_step = ad.method.step
+
+    def spy(batch):
+        seen.append([st.index for st in batch])
+        return real_step(batch)
+
+    ad.method.step = spy
+    for i in range(4):
+        assert "error" not in ad.step(synthetic_frame(i, seq=i))
+    assert seen[0] == [0] and seen[1] == [0]  # nothing in memory yet
+    assert all(len(b) == 2 and b[0] == i // 2 for i, b in enumerate(seen[2:], start=2))
+    assert all(b[1] < b[0] for b in seen[2:])  # the second frame comes from the memory
+    h = ad.health()
+    assert h.memory_frames == 2 and h.memory_mb > 0 and h.memory_refreshes >= 1 and h.errors == 0
+    assert ad.memory.evicted == 2  # 4 frames into a memory of 2
+    before = h.steps
+    assert "error" not in ad.memory_step()
+    assert ad.health().steps == before + 1 and ad.health().memory_steps == 1
+    totals = ad.pseudo_label_totals()
+    assert totals["trained"]["labeled"] > 0  # the split's targets are measured as a stage
+
+
+def test_memory_is_bounded_in_bytes_and_cleared_on_reset():
+    from pl3d_ros.adapt.memory import FrameMemory, state_bytes
+
+    states = [frame_state(synthetic_frame(i, seq=i), header(), "cpu", i) for i in range(3)]
+    size = state_bytes(states[0])
+    mem = FrameMemory(max_frames=10, max_bytes=int(2.5 * size))
+    for st in states:
+        mem.add(st)
+    assert len(mem) == 2 and mem.bytes <= 2.5 * size and mem.states() == states[1:]
+    assert mem.sample(5, exclude=states[2]) == [states[1]]
+    ad = Adapter(confident_model(), header(), make_cfg(method="pl", batch_frames=2), seed=0)
+    ad.step(synthetic_frame(0))
+    assert len(ad.memory) == 1
+    ad.reset()
+    assert len(ad.memory) == 0
+
+
+@pytest.mark.parametrize("trainable", ["norm_heads", "all"])
+def test_trainable_sets_and_their_learning_rates(trainable):
+    ad = Adapter(confident_model(), header(), make_cfg(method="pl", trainable=trainable, other_lr_scale=0.5))
+    groups = ad.method.models.optimizer.param_groups
+    assert [g["lr"] for g in groups] == [1e-3, 5e-4]  # norm affines, then the rest
+    names = set(ad.method.models.params)
+    heads = {n for n in names if ".head." in n}
+    assert heads == {"image.head.weight", "image.head.bias", "range.head.weight", "range.head.bias"}
+    from pl3d_ros.adapt.teacher import norm_parameter_names
+
+    others = names - heads - norm_parameter_names(ad.method.models.student)
+    assert bool(others) == (trainable == "all")  # convolutions only with "all"
+    assert "error" not in ad.step(synthetic_frame(0))
+    # TENT stays the baseline it is: normalisation layers only
+    tent = Adapter(confident_model(), header(), make_cfg(method="tent", trainable=trainable))
+    assert len(tent.method.models.optimizer.param_groups) == 1
+
+
+def test_full_can_deploy_the_student():
+    calls = []
+    ad = Adapter(confident_model(), header(), make_cfg(deploy="student", swap_every_steps=1),
+                 on_weights=calls.append, seed=0)
+    ad.step(synthetic_frame(0))
+    student = ad.method.models.student.state_dict()
+    assert all(torch.equal(calls[-1][k], v) for k, v in student.items())
+    assert not torch.equal(bn_weights(ad.method.models.teacher), bn_weights(ad.method.models.student))
+
+
+def test_bf16_adaptation_steps():
+    ad = Adapter(confident_model(), header(), make_cfg(precision="bf16"), seed=0)
+    stats = ad.step(synthetic_frame(0))
+    assert "error" not in stats and np.isfinite(stats["loss"])
+    assert all(v.dtype == torch.float32 for v in ad.teacher.state_dict().values() if v.is_floating_point())

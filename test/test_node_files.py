@@ -446,6 +446,7 @@ def _stub_ros(monkeypatch, overrides: dict, published: dict, registry: dict) -> 
 
     class Buffer:
         def lookup_transform(self, target, source, when):
+            registry.setdefault("tf_when", []).append((target, source, when))
             return registry["tf"](target, source)
 
     class TransformException(Exception):

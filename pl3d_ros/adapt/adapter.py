@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import torch
 
+from pl3d_ros.adapt.memory import FrameMemory
 from pl3d_ros.adapt.methods import Method, NonFiniteOutputs, build_method
 from pl3d_ros.adapt.quality import QualityTotals
 from pl3d_ros.adapt.state import frame_state
@@ -80,6 +81,13 @@ class Adapter:
         self._thread: threading.Thread | None = None
         self._stop_event = threading.Event()
 
+        a = cfg.adapt
+        self.memory = FrameMemory(a.memory_frames, int(a.memory_mb * 2**20), seed=self.seed)
+        self._memory_steps = 0  # steps on memory frames alone (realtime idle time)
+        self._memory_steps_since_frame = 0
+        self._refreshes = 0
+        self._frame_work_ms: float | None = None
+        self._step_ms: float | None = None
         self._frames = 0  # frames stepped (index of the next frame)
         self._steps = 0
         self._frames_offered = 0
@@ -142,18 +150,22 @@ class Adapter:
             stats: dict[str, Any] = {}
             try:
                 snap = self.method.snapshot()
+                t_prep = time.perf_counter()
                 state = frame_state(frame, self.header, self.device, index, inputs)
                 self.method.prepare(state)
+                state.labelled_at = self._steps
+                self._frame_work_ms = (time.perf_counter() - t_prep) * 1e3
                 stats.update(state.stats)
                 if state.collapsed:
+                    self.memory.clear()  # its pseudo-labels came from the collapsed teacher
                     self._after_step(collapsed=True, stats=stats)
                 else:
-                    steps = self.cfg.adapt.steps_per_frame
-                    if self.method.max_steps_per_frame is not None:
-                        steps = min(steps, self.method.max_steps_per_frame)
-                    for _ in range(steps):
-                        stats.update(self.method.step(state).as_dict())  # the last step's losses
+                    for _ in range(self.cfg.adapt.steps_per_frame):
+                        batch = [state] + self._memory_batch(self.cfg.adapt.batch_frames - 1, exclude=state)
+                        stats.update(self._timed_step(batch).as_dict())  # the last step's losses
                         self._after_step()
+                    self.memory.add(state)
+                    self._memory_steps_since_frame = 0
                 if state.labels is not None:
                     with self._stats_lock:
                         stats.update(self.quality.add(state.labels.stages(), state.gt, state.in_view))
@@ -170,6 +182,7 @@ class Adapter:
                     # The weights deployed before this frame are broken: rolling back keeps them.
                     log.error("the deployed network computes non-finite outputs: restoring the source")
                     self.method.reset()
+                    self.memory.clear()
                     self._restores += 1
                     self._emit_weights()
                 stats = {"error": self._last_error}
@@ -177,6 +190,46 @@ class Adapter:
             stats["ms"] = self._last_step_ms
             self._last_stats = stats
             return stats
+
+    def _memory_batch(self, k: int, exclude: Any = None) -> list[Any]:
+        """``k`` memory frames for a step, each re-labelled first when its labels are older than
+        ``memory_refresh_steps`` steps (lazily: only frames a step uses pay the teacher forward)."""
+        batch = self.memory.sample(k, exclude=exclude)
+        every = self.cfg.adapt.memory_refresh_steps
+        for st in batch:
+            if every and self._steps - getattr(st, "labelled_at", self._steps) >= every:
+                self.method.refresh(st)
+                st.labelled_at = self._steps
+                self._refreshes += 1
+        return batch
+
+    def _timed_step(self, batch: list[Any]) -> Any:
+        t = time.perf_counter()
+        result = self.method.step(batch)
+        self._step_ms = (time.perf_counter() - t) * 1e3
+        return result
+
+    def memory_step(self) -> dict[str, Any] | None:
+        """One step on memory frames alone (no new frame's work: the cheap step the realtime
+        thread takes while no new frame waits); None when the memory is empty. Never raises."""
+        if not self.method.adapts or not len(self.memory):
+            return None
+        with self._lock:
+            snap = None
+            try:
+                snap = self.method.snapshot()
+                batch = self._memory_batch(self.cfg.adapt.batch_frames)
+                stats = self._timed_step(batch).as_dict()
+                self._after_step()
+                self._memory_steps += 1
+                return stats
+            except Exception as exc:  # noqa: BLE001 - the adaptation thread must never die
+                self._count_error()
+                self._last_error = f"memory step: {type(exc).__name__}: {exc}"
+                log.error("memory step failed (rolled back):\n%s", traceback.format_exc())
+                if snap is not None:
+                    self.method.rollback(snap)
+                return {"error": self._last_error}
 
     def _after_step(self, collapsed: bool = False, stats: dict[str, Any] | None = None) -> None:
         """Counters, weight hand-off and periodic checkpoint after one step; a collapse restore
@@ -220,6 +273,7 @@ class Adapter:
         """Back to the source weights (all online state cleared) and tell on_weights."""
         with self._lock:
             self.method.reset()
+            self.memory.clear()
             self._restores += 1
             self._emit_weights()
 
@@ -249,7 +303,16 @@ class Adapter:
         self._thread.start()
 
     def _run(self) -> None:
+        cap = self.cfg.adapt.memory_steps_per_frame
         while not self._stop_event.is_set():
+            with self._cond:
+                idle = not self._buffer
+            if idle and cap and self._memory_steps_since_frame < cap and len(self.memory):
+                # No new frame waits: keep training on the memory (the thread is niced, so this
+                # only uses time inference leaves), at most ``cap`` steps per new frame.
+                self.memory_step()
+                self._memory_steps_since_frame += 1
+                continue
             with self._cond:
                 while not self._buffer and not self._stop_event.is_set():
                     self._cond.wait(timeout=0.1)
@@ -314,7 +377,9 @@ class Adapter:
             last_swap_time=self._last_swap_time, restores=self._restores,
             collapse_restores=self._collapse_restores, last_step_ms=self._last_step_ms,
             resumed_from=self.resumed_from,
-            pseudo_label_density=last.get("filtered_density", last.get("base_density")), **stages)
+            pseudo_label_density=last.get("filtered_density", last.get("base_density")),
+            memory_frames=len(self.memory), memory_mb=self.memory.bytes / 2**20, memory_steps=self._memory_steps,
+            memory_refreshes=self._refreshes, frame_work_ms=self._frame_work_ms, step_ms=self._step_ms, **stages)
 
     def pseudo_label_totals(self) -> dict[str, Any]:
         """Pseudo-label counts summed over every frame stepped (see adapt.quality.QualityTotals)."""

@@ -3,9 +3,11 @@
 
 ``prepare`` does the frame's work (teacher and source forwards, pseudo-labels, masks, the
 collapse guard) and fills the :class:`~pl3d_ros.adapt.state.FrameState`; ``step`` runs one
-student update on it with the method's loss terms (``adapt/terms.py``). Every method exposes
-``teacher`` (the network to deploy), ``reset()`` (back to the source) and ``snapshot()`` /
-``rollback()`` (undo a failed step).
+student update on a mini-batch of prepared frames (the newest and frames from the memory, one
+batched forward) with the method's loss terms (``adapt/terms.py``), averaged over the frames;
+``refresh`` re-labels a memory frame with the current teacher (forward only). Every method
+exposes ``teacher`` (the network to deploy), ``reset()`` (back to the source) and
+``snapshot()`` / ``rollback()`` (undo a failed step).
 
 source  no adaptation.
 tent    entropy of the fused prediction, normalisation layers only, one step per frame; the
@@ -31,7 +33,7 @@ from pl3d_ros.adapt.reliability import reliability_split
 from pl3d_ros.adapt.state import FrameState, PseudoLabels, StepResult, TeacherOutput
 from pl3d_ros.adapt.teacher import CollapseGuard, TeacherStudent
 from pl3d_ros.config import Config
-from pl3d_ros.inputs import forward_points
+from pl3d_ros.inputs import NetworkInputs, PointOutputs, forward_points, point_outputs
 from pl3d_ros.models.checkpoint import CheckpointHeader
 
 
@@ -44,9 +46,9 @@ class Method:
 
     name: ClassVar[str] = "base"
     adapts: ClassVar[bool] = True  # False: no weights ever change, nothing to hand to the backend
-    max_steps_per_frame: ClassVar[int | None] = None  # cap on steps per frame (None: the config's)
     teacher_momentum: ClassVar[float | None] = None  # None: cfg.adapt.teacher_momentum
     trainable: ClassVar[str | None] = None  # None: cfg.adapt.trainable
+    deploy: ClassVar[str | None] = None  # None: cfg.adapt.deploy
 
     def __init__(self, cfg: Config, source: torch.nn.Module, header: CheckpointHeader, *,
                  initial_state: dict[str, torch.Tensor] | None = None,
@@ -58,12 +60,15 @@ class Method:
         self.generator = generator
         momentum = a.teacher_momentum if self.teacher_momentum is None else self.teacher_momentum
         self.models = TeacherStudent(source, trainable=self.trainable or a.trainable, optimizer=a.optimizer,
-                                     lr=a.lr, momentum=momentum, initial_state=initial_state)
+                                     lr=a.lr, momentum=momentum, initial_state=initial_state,
+                                     other_lr_scale=a.other_lr_scale, deploy=self.deploy or a.deploy)
         self.terms: list[T.LossTerm] = []
+        self.bf16 = a.precision == "bf16"
 
     @property
     def teacher(self) -> torch.nn.Module:
-        return self.models.teacher
+        """The network deployed to the backend (see TeacherStudent.deployed)."""
+        return self.models.deployed
 
     @property
     def device(self) -> torch.device:
@@ -72,9 +77,16 @@ class Method:
     def prepare(self, state: FrameState) -> None:
         """The frame's work, once, before its steps (nothing by default)."""
 
-    def step(self, state: FrameState) -> StepResult:
-        """One student step on a prepared frame."""
+    def step(self, states: FrameState | list[FrameState]) -> StepResult:
+        """One student step on prepared frames (the first is the newest)."""
         raise NotImplementedError
+
+    def refresh(self, state: FrameState) -> None:
+        """Re-label a memory frame with the current teacher (nothing to do by default)."""
+
+    def autocast(self):
+        """bf16 autocast of forwards and backwards when ``adapt.precision`` is bf16."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def reset(self) -> None:
         """Back to the source weights with every piece of online state cleared."""
@@ -88,18 +100,32 @@ class Method:
     def rollback(self, snap: Any) -> None:
         self.models.rollback(snap)
 
-    def _student_step(self, state: FrameState, split_fn=None) -> tuple[T.StepContext, torch.Tensor, dict[str, float]]:
-        """Student forward, ``split_fn(ctx)`` (the reliability split, where the method has one),
-        the method's terms, optimizer step and teacher EMA; counts the step on the frame."""
-        out = forward_points(self.models.student, state.inputs)
-        _, _, qf = out.probs(state.in_view)
-        ctx = T.StepContext(state, out, qf)
-        if split_fn is not None:
-            split_fn(ctx)
-        total, values = T.total_loss(self.terms, ctx)
+    def _student_step(self, states: FrameState | list[FrameState], split_fn=None
+                      ) -> tuple[list[T.StepContext], torch.Tensor, dict[str, float]]:
+        """One batched student forward over ``states``, ``split_fn(ctx)`` per frame (the
+        reliability split, where the method has one), the method's terms per frame averaged over
+        the frames, optimizer step and teacher EMA; counts the step on every frame."""
+        states = [states] if isinstance(states, FrameState) else list(states)
+        with self.autocast():
+            outs = forward_points_batch(self.models.student, [st.inputs for st in states])
+        ctxs, total, values = [], None, {}
+        for st, out in zip(states, outs):
+            out = out.float()
+            _, _, qf = out.probs(st.in_view)
+            ctx = T.StepContext(st, out, qf)
+            if split_fn is not None:
+                split_fn(ctx)
+            loss, vals = T.total_loss(self.terms, ctx)
+            total = loss if total is None else total + loss
+            for k, v in vals.items():
+                values[k] = values.get(k, 0.0) + v / len(states)
+            ctxs.append(ctx)
+        if len(states) > 1:
+            total = total / len(states)
         self._optimise(total)
-        state.steps += 1
-        return ctx, total, values
+        for st in states:
+            st.steps += 1
+        return ctxs, total, values
 
     def _optimise(self, loss: torch.Tensor) -> None:
         """One optimizer step on ``loss`` then the teacher's EMA update. A non-finite loss raises
@@ -133,24 +159,26 @@ class Tent(Method):
     """TENT on the fused prediction: minimise its mean entropy; norm layers only, one step."""
 
     name = "tent"
-    max_steps_per_frame = 1
     teacher_momentum = 0.0
     trainable = "norm"
+    deploy = "teacher"  # = the student after every step (momentum 0)
 
     def __init__(self, cfg: Config, source: torch.nn.Module, header: CheckpointHeader, **kw: Any) -> None:
         super().__init__(cfg, source, header, **kw)
         self.terms = [T.FusedEntropy()]
 
-    def step(self, state: FrameState) -> StepResult:
-        _, total, values = self._student_step(state)
+    def step(self, states: FrameState | list[FrameState]) -> StepResult:
+        _, total, values = self._student_step(states)
         return StepResult(float(total.detach()), values)
 
 
-def teacher_pass(models: TeacherStudent, state: FrameState) -> TeacherOutput:
-    """The deployed network's probabilities on the frame (no gradient). Non-finite outputs
-    (finite weights can still overflow on an input) raise FloatingPointError."""
+def teacher_pass(method: Method, state: FrameState) -> TeacherOutput:
+    """The teacher's probabilities on the frame (no gradient). Non-finite outputs (finite
+    weights can still overflow on an input) raise NonFiniteOutputs."""
+    with torch.no_grad(), method.autocast():
+        out = forward_points(method.models.teacher, state.inputs).float()
     with torch.no_grad():
-        p2, p3, pf = forward_points(models.teacher, state.inputs).probs(state.in_view)
+        p2, p3, pf = out.probs(state.in_view)
     if not (bool(torch.isfinite(pf).all()) and bool(torch.isfinite(p2).all())):
         raise NonFiniteOutputs("the deployed network's outputs on this frame are not finite")
     return TeacherOutput(p2, p3, pf)
@@ -161,6 +189,7 @@ class PseudoLabel(Method):
 
     name = "pl"
     teacher_momentum = 0.0
+    deploy = "teacher"  # = the student after every step (momentum 0)
 
     def __init__(self, cfg: Config, source: torch.nn.Module, header: CheckpointHeader, **kw: Any) -> None:
         super().__init__(cfg, source, header, **kw)
@@ -173,17 +202,25 @@ class PseudoLabel(Method):
         self.labeler.reset()
 
     def prepare(self, state: FrameState) -> None:
-        state.teacher = teacher_pass(self.models, state)
+        state.teacher = teacher_pass(self, state)
         labels, state.thresholds = self.labeler(state.teacher.fused)
-        state.labels = PseudoLabels(labels, labels, labels)
+        state.labels = PseudoLabels(labels, labels, labels, labels)
         state.stats["threshold_mean"] = float(np.mean(state.thresholds))
 
-    def step(self, state: FrameState) -> StepResult:
-        _, total, values = self._student_step(state)
-        labels = state.train_labels
-        n = max(1, state.num_points)
+    def refresh(self, state: FrameState) -> None:
+        """The current teacher's labels under the current class-wise thresholds (the running
+        window is not fed again: the frame was counted when it was new)."""
+        state.teacher = teacher_pass(self, state)
+        labels = self.labeler.relabel(state.teacher.fused)
+        state.labels = PseudoLabels(labels, labels, labels, labels)
+
+    def step(self, states: FrameState | list[FrameState]) -> StepResult:
+        ctxs, total, values = self._student_step(states)
+        labels = ctxs[0].state.train_labels
+        n = max(1, ctxs[0].state.num_points)
         return StepResult(float(total.detach()), values,
-                          {"density": int((labels >= 0).sum()) / n, "threshold_mean": state.stats["threshold_mean"]})
+                          {"density": int((labels >= 0).sum()) / n,
+                           "threshold_mean": ctxs[0].state.stats.get("threshold_mean", float("nan"))})
 
 
 class Full(Method):
@@ -244,11 +281,12 @@ class Full(Method):
 
     def prepare(self, state: FrameState) -> None:
         st = state.stats
-        state.teacher = teacher = teacher_pass(self.models, state)
+        state.teacher = teacher = teacher_pass(self, state)
         source_out = source_fused = None
         if self.guard is not None or (self.erda is not None and self.erda.needs_source):
+            with torch.no_grad(), self.autocast():
+                source_out = forward_points(self.models.source, state.inputs).float()
             with torch.no_grad():
-                source_out = forward_points(self.models.source, state.inputs)
                 _, _, source_fused = source_out.probs(state.in_view)
         if self.guard is not None:
             check = self.guard.observe(teacher.fused.argmax(1), source_fused.argmax(1))
@@ -273,6 +311,19 @@ class Full(Method):
         state.labels = PseudoLabels(base, refined)
         st["threshold_mean"] = float(np.mean(state.thresholds))
 
+    def refresh(self, state: FrameState) -> None:
+        """A memory frame re-labelled by the current teacher: base labels under the current
+        thresholds, MLA + GAPP again on the frame's stored masks; the connectivity filter and the
+        negative classes start over at the frame's next step."""
+        state.teacher = teacher_pass(self, state)
+        base = self.labeler.relabel(state.teacher.fused)
+        refined, component = base, torch.full_like(base, -1)
+        if self.refinement is not None and state.masks is not None:
+            refined, component, _ = self.refinement.relabel(state, base)
+        state.component = component
+        state.labels = PseudoLabels(base, refined)
+        state.veto = state.negatives_used = None
+
     def _filter_components(self, state: FrameState, q_fused: torch.Tensor) -> dict[str, Any]:
         """Connectivity filter (first step on a frame): drop the noisy components' labels and
         veto them from the reliable set, so they go to negative learning."""
@@ -289,26 +340,44 @@ class Full(Method):
         state.veto = dropped
         return {f"connectivity_{k}": v for k, v in fstats.items()}
 
-    def step(self, state: FrameState) -> StepResult:
+    def step(self, states: FrameState | list[FrameState]) -> StepResult:
         a = self.cfg.adapt
         stats: dict[str, Any] = {}
+        first = states if isinstance(states, FrameState) else states[0]
 
         def split(ctx: T.StepContext) -> None:
+            state = ctx.state
             if state.labels.filtered is None:
-                stats.update(self._filter_components(state, ctx.q_fused))
+                fstats = self._filter_components(state, ctx.q_fused)
+                if state is first:
+                    stats.update(fstats)
             labels = state.labels.filtered
             ctx.split = reliability_split(state.teacher.fused, ctx.q_fused, labels, min_confidence=a.reliable_confidence,
                                           max_variance=a.reliable_variance, veto=state.veto)
-            n = max(1, state.num_points)
-            stats.update(reliable=int(ctx.split.reliable.sum()) / n, density=int((labels >= 0).sum()) / n)
+            if state.labels.trained is None:
+                state.labels.trained = ctx.split.target
+            if state is first:
+                n = max(1, state.num_points)
+                stats.update(reliable=int(ctx.split.reliable.sum()) / n, density=int((labels >= 0).sum()) / n)
 
-        ctx, total, values = self._student_step(state, split)
+        ctxs, total, values = self._student_step(states, split)
         if self.components["restore"]:
             stats["restored_elements"] = self.models.restore_elements(a.restore_prob, self.generator)
-        for term in self.terms:
-            term.after_step(ctx)
-        stats.update(ctx.stats)
+        for ctx in ctxs:
+            for term in self.terms:
+                term.after_step(ctx)
+        stats.update(ctxs[0].stats)
         return StepResult(float(total.detach()), values, stats)
+
+
+def forward_points_batch(model: torch.nn.Module, inputs: list[NetworkInputs]) -> list[PointOutputs]:
+    """One forward of ``model`` over several frames (stacked: the inputs share their shapes), then
+    each frame's per-point outputs. BatchNorm in train mode normalises over the whole batch."""
+    if len(inputs) == 1:
+        return [forward_points(model, inputs[0])]
+    l2, l3, f2, f3 = model.forward_features(torch.cat([x.image for x in inputs]),
+                                            torch.cat([x.range_image for x in inputs]))
+    return [point_outputs(x, l2[i:i + 1], l3[i:i + 1], f2[i:i + 1], f3[i:i + 1]) for i, x in enumerate(inputs)]
 
 
 def build_method(cfg: Config, source: torch.nn.Module, header: CheckpointHeader, *,

@@ -98,3 +98,9 @@ class PseudoLabeler:
         self.window.update(labels.cpu().numpy(), confidence.float().cpu().numpy())
         thr = self.window.thresholds()
         return apply_thresholds(labels, confidence, thr), thr
+
+    def relabel(self, fused: torch.Tensor) -> torch.Tensor:
+        """Labels of a frame seen before (a memory frame) under the current thresholds, without
+        adding it to the window again: (N, C) -> (N,) int64, -1 dropped."""
+        labels, confidence = argmax_confidence(fused)
+        return apply_thresholds(labels, confidence, self.window.thresholds())

@@ -3,8 +3,9 @@
 Ground truth is only ever read here, for reporting; no training path touches it.
 
 Stages: "base" (section 0), "refined" (after MLA/GAPP, section 1), "filtered" (after the
-connectivity filter, section 2: the hard labels the student is trained on). A method that skips a
-stage reports the previous stage's labels for it.
+connectivity filter, section 2), "trained" (the cross-entropy targets after the reliability split,
+section 4: what the student is trained on). A method that skips a stage reports the previous
+stage's labels for it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-STAGES = ("base", "refined", "filtered")
+STAGES = ("base", "refined", "filtered", "trained")
 
 
 def label_counts(labels: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor | None,

@@ -43,7 +43,7 @@ class RefinementStage:
         self.cfg = cfg
         self.sensor = sensor
         self.gapp = bool(gapp)
-        self._refine = refine.refine_pseudo_labels
+        self._refine = refine.refine_with_masks
         self.provider = (mask_provider if mask_provider is not None
                          else refine_masks.build_mask_provider(cfg.refine, device=device))
         self.every = int(cfg.refine.sam_every_k_frames) if is_sam_provider(self.provider) else 1
@@ -60,14 +60,21 @@ class RefinementStage:
 
     def refine(self, state: FrameState, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """base (N,) int64 pseudo-labels (-1 none) -> (labels (N,) int64, component (N,) int64 -1
-        none, stats), on the frame's device."""
-        frame = state.frame
+        none, stats), on the frame's device. The points' masks are kept in ``state.masks``."""
+        from pl3d_ros.refine import PointMasks
+
         cam = state.camera_pixels()
-        mask_image = np.asarray(self.provider.masks(frame.image), dtype=np.int32)
+        mask_image = np.asarray(self.provider.masks(state.frame.image), dtype=np.int32)
+        state.masks = PointMasks.of(cam.pixels, cam.in_view, mask_image)
+        return self.relabel(state, base)
+
+    def relabel(self, state: FrameState, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """``refine`` with the frame's masks already known (state.masks): MLA + GAPP only, e.g.
+        a memory frame's labels after the teacher changed."""
+        frame = state.frame
         result = self._refine(
-            np.ascontiguousarray(frame.points[:, :3], dtype=np.float32), cam.depth, cam.pixels, cam.in_view,
-            mask_image, base.cpu().numpy().astype(np.int64), self.sensor, self.cfg.refine,
-            gapp=self.gapp)
+            np.ascontiguousarray(frame.points[:, :3], dtype=np.float32), state.camera_pixels().depth, state.masks,
+            base.cpu().numpy().astype(np.int64), self.sensor, self.cfg.refine, gapp=self.gapp)
         dev = base.device
         labels = torch.from_numpy(np.asarray(result.labels, np.int64)).to(dev)
         component = torch.from_numpy(np.asarray(result.component, np.int64)).to(dev)

@@ -35,18 +35,22 @@ class PseudoLabels:
     """The pseudo-labels of one frame by stage, (N,) int64 each, -1 = none.
 
     base: section 0 (class-wise thresholds); refined: after mask refinement (MLA + GAPP; = base
-    without it); filtered: after the connectivity filter, what the student trains on (None until
-    the first step has filtered).
+    without it); filtered: after the connectivity filter (None until the first step has
+    filtered); trained: the cross-entropy targets of the first step on the frame, i.e. the
+    filtered labels the reliability split kept (where the method has one).
     """
 
     base: torch.Tensor
     refined: torch.Tensor
     filtered: torch.Tensor | None = None
+    trained: torch.Tensor | None = None  # the hard targets of the first step (after the reliability split)
 
     def stages(self) -> dict[str, torch.Tensor]:
         out = {"base": self.base, "refined": self.refined}
         if self.filtered is not None:
             out["filtered"] = self.filtered
+        if self.trained is not None:
+            out["trained"] = self.trained
         return out
 
 
@@ -85,6 +89,7 @@ class FrameState:
     veto: torch.Tensor | None = None
     negatives_used: torch.Tensor | None = None
     collapsed: bool = False
+    masks: Any = None  # refine.PointMasks of the frame, when masks were computed
     stats: dict[str, Any] = field(default_factory=dict)
     _pixels: CameraPixels | None = field(default=None, repr=False)
 

@@ -25,19 +25,29 @@ from torch import nn
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
 
-def select_trainable(model: nn.Module, mode: str) -> list[str]:
-    """Set requires_grad for ``mode`` ("norm": affine parameters of normalisation layers, "all":
-    everything) and return the trainable parameter names (in ``named_parameters`` order)."""
-    if mode not in ("norm", "all"):
-        raise ValueError(f"trainable mode must be norm or all, got {mode!r}")
+def norm_parameter_names(model: nn.Module) -> set[str]:
+    """Affine parameters of the normalisation layers."""
     names: set[str] = set()
+    for mname, module in model.named_modules():
+        if isinstance(module, NORM_TYPES):
+            for pname, _ in module.named_parameters(recurse=False):
+                names.add(f"{mname}.{pname}" if mname else pname)
+    return names
+
+
+def select_trainable(model: nn.Module, mode: str) -> list[str]:
+    """Set requires_grad for ``mode`` and return the trainable parameter names (in
+    ``named_parameters`` order): "norm" the affine parameters of normalisation layers (TENT),
+    "norm_heads" those and the per-pixel classifier heads (parameters under a module named
+    ``head``), "all" everything."""
+    if mode not in ("norm", "norm_heads", "all"):
+        raise ValueError(f"trainable mode must be norm, norm_heads or all, got {mode!r}")
     if mode == "all":
         names = {n for n, _ in model.named_parameters()}
     else:
-        for mname, module in model.named_modules():
-            if isinstance(module, NORM_TYPES):
-                for pname, _ in module.named_parameters(recurse=False):
-                    names.add(f"{mname}.{pname}" if mname else pname)
+        names = norm_parameter_names(model)
+        if mode == "norm_heads":
+            names |= {n for n, _ in model.named_parameters() if "head" in n.split(".")[:-1]}
     ordered = []
     for n, p in model.named_parameters():
         p.requires_grad_(n in names)
@@ -92,8 +102,9 @@ def stochastic_restore(student: nn.Module, source: nn.Module, params: list[str],
     return restored
 
 
-def make_optimizer(params: list[nn.Parameter], kind: str, lr: float) -> torch.optim.Optimizer:
-    """adam (TENT's and Latte's choice for online TTA) or sgd with momentum 0.9."""
+def make_optimizer(params: list[nn.Parameter] | list[dict], kind: str, lr: float) -> torch.optim.Optimizer:
+    """adam (TENT's and Latte's choice for online TTA) or sgd with momentum 0.9; ``params`` may
+    be parameter groups with their own ``lr``."""
     if kind == "adam":
         return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
     if kind == "sgd":
@@ -108,12 +119,15 @@ class TeacherStudent:
     initial_state: weights to start teacher and student from (a resumed adapted checkpoint);
     None starts from the source. Restores always go back to ``source``.
     momentum: teacher EMA momentum; 0 makes the teacher a copy of the student after every step
-    (the TENT and PL baselines, which have no mean teacher).
+    (the TENT and PL baselines, which have no mean teacher). other_lr_scale: learning rate of
+    trainable parameters that are not normalisation affines, relative to ``lr``. deploy: which
+    network goes to the backend (``deployed``).
     """
 
     def __init__(self, source: nn.Module, *, trainable: str = "norm", optimizer: str = "adam",
                  lr: float = 1e-4, momentum: float = 0.999,
-                 initial_state: dict[str, torch.Tensor] | None = None) -> None:
+                 initial_state: dict[str, torch.Tensor] | None = None, other_lr_scale: float = 0.1,
+                 deploy: str = "teacher") -> None:
         self.source = copy.deepcopy(source).eval()  # our own copy: the caller's model is left as is
         for p in self.source.parameters():
             p.requires_grad_(False)
@@ -132,12 +146,21 @@ class TeacherStudent:
                 m.eval()
         self.teacher.eval()
         self.optimizer_kind, self.lr, self.momentum = optimizer, float(lr), float(momentum)
+        self.other_lr_scale = float(other_lr_scale)
+        if deploy not in ("teacher", "student"):
+            raise ValueError(f"deploy must be teacher or student, got {deploy!r}")
+        self.deploy = deploy
         self.optimizer = self._new_optimizer()
         self.updates = 0  # teacher updates since the source (EMA warm-up)
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
+        """Normalisation parameters at ``lr``, any other trainable ones at ``lr * other_lr_scale``
+        (heads and convolutions move the network further per step than BN affines do)."""
         named = dict(self.student.named_parameters())
-        return make_optimizer([named[n] for n in self.params], self.optimizer_kind, self.lr)
+        norm = norm_parameter_names(self.student)
+        groups = [{"params": [named[n] for n in self.params if n in norm], "lr": self.lr},
+                  {"params": [named[n] for n in self.params if n not in norm], "lr": self.lr * self.other_lr_scale}]
+        return make_optimizer([g for g in groups if g["params"]], self.optimizer_kind, self.lr)
 
     @torch.no_grad()
     def nonfinite(self) -> list[str]:
@@ -175,9 +198,16 @@ class TeacherStudent:
         self.optimizer = self._new_optimizer()
         self.updates = 0
 
+    @property
+    def deployed(self) -> nn.Module:
+        """The network handed to the backend: the teacher, or the student (``deploy="student"``:
+        the teacher then only makes pseudo-labels)."""
+        return self.student if self.deploy == "student" else self.teacher
+
     def teacher_state(self) -> dict[str, torch.Tensor]:
-        """The teacher's full state dict as detached CPU copies (safe to hand to another thread)."""
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.teacher.state_dict().items()}
+        """The deployed network's full state dict as detached CPU copies (safe to hand to another
+        thread)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.deployed.state_dict().items()}
 
     @torch.no_grad()
     def snapshot(self) -> dict[str, dict[str, torch.Tensor]]:

@@ -16,6 +16,7 @@ Writes into the output folder:
                     what was read and skipped by reason (inputs_read, frames_skipped)
     report.md       per-class tables and the run's settings
     miou_over_frames.png, confusion_fused.png, latency_hist.png
+    confusion_per_frame.npy   (F, C, C) int64 fused in-view confusion of each scored frame
     labeled.mcap/   a ROS 2 bag: camera, CameraInfo, /tf_static, the segmentation cloud
                     (x y z intensity label confidence) and the visualization cloud (+ rgb)
 """
@@ -110,7 +111,7 @@ class LabeledBagWriter:
 
 def _pseudo_label_summary(totals: dict[str, Any] | None) -> dict[str, dict[str, float | None]]:
     out: dict[str, dict[str, float | None]] = {}
-    for stage in ("base", "refined", "filtered"):
+    for stage in ("base", "refined", "filtered", "trained"):
         s = (totals or {}).get(stage)
         if not s:
             continue
@@ -154,6 +155,7 @@ def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_di
     latency: dict[str, list[float]] = {}  # every frame's, scored or not
     counts = {"processed": 0, "scored": 0}
     per_frame: list[float] = []
+    frame_confusion: list[np.ndarray] = []  # (C, C) fused, in view, per scored frame (window mIoU)
     running: list[float] = []
     adapt_ms: list[float] = []
     bag = LabeledBagWriter(out / "labeled.mcap", class_set) if opts.write_bag else None
@@ -187,6 +189,7 @@ def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_di
             cm = ConfusionMatrix(class_set.num_classes)
             cm.update(pred.labels[pred.in_view], gt[pred.in_view])
             per_frame.append(cm.miou())
+            frame_confusion.append(cm.matrix.copy())
             running.append(scores.in_view["fused"].miou())
         if bag:
             bag.write(frame, pred)
@@ -249,6 +252,8 @@ def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_di
     if runner_health:
         metrics["runner"] = runner_health
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    if frame_confusion:  # mIoU over any window of frames is computed from these (pl3d bench)
+        np.save(out / "confusion_per_frame.npy", np.stack(frame_confusion).astype(np.int64))
     if opts.plots:
         from pl3d_ros.eval.plots import plot_confusion, plot_latency, plot_series
 

@@ -4,6 +4,10 @@ Reading pairs each LiDAR cloud with the image nearest in header stamp (within ``
 CameraInfo nearest that image, streaming: memory stays bounded by ``queue_size`` messages whatever
 the bag's length. Extrinsics come from /tf_static (any path through the tree between the cloud's
 and the camera's frames), from /tf when the bag has no static transforms, or from the caller.
+Each Frame's odometry pose T_odom_lidar (``Frame.pose``) comes from /tf (and /tf_static for the
+fixed part of the chain) at the cloud's stamp, interpolated between the two neighbouring samples
+as tf2 does (``io.odometry``); None when the bag has no path from the odometry frame to the cloud's
+frame at that stamp.
 Everything that can go wrong with a real bag (missing topics, out-of-order or duplicate stamps,
 undecodable messages, truncation, corrupt MCAP chunks) is a clear BagError or a counted skip in
 ``SyncStats``; every cloud that gives no Frame is counted under its reason.
@@ -29,10 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from pl3d_ros.frame import CameraModel, Frame, FrameError
+from pl3d_ros.frame import CameraModel, Frame, FrameError, check_rigid
 from pl3d_ros.io import ros_msgs
 from pl3d_ros.io.frames import frame_from_messages
 from pl3d_ros.io.mcap_chunks import ChunkError, McapChunkReader, McapFormatError, add_crcs
+from pl3d_ros.io.odometry import ODOM_FRAME, TfHistory
 from pl3d_ros.transforms import TransformError, TransformTree
 
 log = logging.getLogger(__name__)
@@ -173,6 +178,12 @@ class BagWriter:
         msg = ros_msgs.make_tf_message(self.factory, [(stamp_ns, parent, child, T_parent_child)])
         self.write(self.topics.tf_static, msg, stamp_ns, transient_local=True)
 
+    def write_transform(self, stamp_ns: int, parent: str, child: str,
+                        T_parent_child: np.ndarray) -> None:
+        """One /tf transform stamped (and logged at) ``stamp_ns``, e.g. odom -> LiDAR."""
+        msg = ros_msgs.make_tf_message(self.factory, [(stamp_ns, parent, child, T_parent_child)])
+        self.write(self.topics.tf, msg, stamp_ns)
+
     def write_frame(self, stamp_ns: int, points: np.ndarray, image: np.ndarray,
                     camera: CameraModel, lidar_frame: str, camera_frame: str,
                     extra_fields: dict[str, np.ndarray] | None = None) -> None:
@@ -222,7 +233,8 @@ class SyncStats:
     "log_time_ns", "detail"}) and ``chunk_errors`` one per skipped chunk ({"file", "offset",
     "start_ns", "end_ns", "reason", "detail", "lost"}), the first :data:`MAX_SKIP_LOG` of each.
     ``dropped_points``, ``dropped_far`` and ``zeroed_intensity`` sum what Frame construction
-    dropped or repaired in the frames produced (see ``frame.Frame``).
+    dropped or repaired in the frames produced (see ``frame.Frame``); ``frames_without_pose``
+    counts the frames produced without an odometry pose.
 
     Message-level counts as before: ``clouds`` / ``images`` / ``camera_infos`` decoded,
     ``duplicate`` clouds and images, ``undecodable`` messages of any topic, ``lost_messages``
@@ -253,6 +265,7 @@ class SyncStats:
     dropped_points: int = 0
     dropped_far: int = 0
     zeroed_intensity: int = 0
+    frames_without_pose: int = 0  # Frames without an odometry pose (off, or no /tf path at the stamp)
 
     @property
     def skipped(self) -> int:
@@ -297,6 +310,8 @@ class BagReader:
         slop_s: largest |image stamp - cloud stamp| that still pairs, seconds.
         queue_size: clouds waiting for a later image before they are given up, and images kept.
         T_cam_lidar: (4, 4) extrinsics to use instead of the bag's TF.
+        odom_frame: the odometry frame of ``Frame.pose`` (T_odom_lidar from the bag's TF at each
+            cloud's stamp); "" = no poses. Its edges never serve as extrinsics.
         distro: typestore for bags that carry no message definitions (old sqlite3 bags).
         strict: raise BagError on a truncated/corrupt bag instead of ending with a warning.
     """
@@ -306,6 +321,7 @@ class BagReader:
     slop_s: float = 0.05
     queue_size: int = 10
     T_cam_lidar: np.ndarray | None = None
+    odom_frame: str = ODOM_FRAME
     distro: str = "humble"
     strict: bool = False
     stats: SyncStats = field(default_factory=SyncStats, init=False)
@@ -385,10 +401,40 @@ class BagReader:
             for conn, log_time, raw in self._iter(reader, conns):
                 msg = self._deserialize(reader, raw, conn, log_time)
                 for _, parent, child, T in ros_msgs.tf_message_transforms(msg) if msg else ():
+                    # An odometry edge moves: its first value is no camera-LiDAR mount.
+                    if self.odom_frame and self.odom_frame in (parent, child):
+                        continue
                     if (parent, child) not in seen:
                         seen.add((parent, child))
                         tree.add(parent, child, T)
         return tree
+
+    def _tf_history(self, reader, topics: BagTopics) -> TfHistory | None:
+        """Every /tf_static edge and /tf sample of the bag (one pass over the TF topics), for the
+        poses; None when poses are off or the bag has no /tf. A malformed transform is skipped
+        with a warning (its frames may then lack a pose)."""
+        if not self.odom_frame:
+            return None
+        conns = [c for c in reader.connections
+                 if c.topic in (topics.tf_static, topics.tf) and c.msgtype == TF_TYPE]
+        if not any(c.topic == topics.tf for c in conns):
+            return None
+        history = TfHistory()
+        for conn, log_time, raw in self._iter(reader, conns):
+            msg = self._deserialize(reader, raw, conn, log_time)
+            if msg is None:
+                continue
+            try:
+                transforms = ros_msgs.tf_message_transforms(msg)
+            except ros_msgs.MessageError as exc:
+                log.warning("%s message at %.3f s skipped: %s", conn.topic, log_time * 1e-9, exc)
+                continue
+            for stamp, parent, child, T in transforms:
+                if conn.topic == topics.tf_static:
+                    history.add_static(parent, child, T)
+                else:
+                    history.add(stamp, parent, child, T)
+        return history
 
     # -- streaming sync -----------------------------------------------------------------------------
 
@@ -625,11 +671,15 @@ class BagReader:
             topics = self._resolve_topics(reader)
             self._cloud_topic = topics.cloud
             tree = self._transform_tree(reader, topics) if self.T_cam_lidar is None else None
+            history = self._tf_history(reader, topics)
             extrinsics: dict[tuple[str, str], np.ndarray] = {}
             seq = 0
             for synced in self._synced(reader, topics):
                 try:
                     frame = self._to_frame(synced, tree, extrinsics, seq)
+                    if history is not None:
+                        pose = history.lookup(self.odom_frame, frame.lidar_frame_id, synced.stamp_ns)
+                        frame.pose = None if pose is None else check_rigid(pose, "odometry pose")
                 except (FrameError, ros_msgs.MessageError) as exc:
                     self.stats.bad_frame += 1
                     self.stats.skip_frame("bad_frame", synced.stamp_ns, synced.log_time_ns, str(exc))
@@ -638,6 +688,7 @@ class BagReader:
                 self.stats.dropped_points += frame.dropped_points
                 self.stats.dropped_far += frame.dropped_far
                 self.stats.zeroed_intensity += frame.zeroed_intensity
+                self.stats.frames_without_pose += frame.pose is None
                 seq += 1
                 yield frame
         finally:

@@ -13,6 +13,20 @@ the extrinsics:
 and K @ (T_cam_lidar @ p)[:3] equals P2 @ Tr @ p exactly. In the bag, /tf_static carries
 T_lidar_cam (parent ``velodyne``, child ``camera_color_left_optical``), the CameraInfo carries K,
 zero distortion, R = I and P = [K | 0].
+
+Odometry: poses.txt, and why the LiDAR's pose is inv(Tr) T_i Tr
+----------------------------------------------------------------
+Line i of poses.txt is T_i = T_w_cam0(i) (3x4): camera 0's pose in camera 0's frame at scan 0
+(the world w of the file; T_0 = I). Tr = T_cam0_lidar. A point p in the LiDAR frame at scan i is
+``Tr p`` in camera 0 at scan i and ``T_i Tr p`` in w. The odometry frame pl3d_ros uses is the LiDAR
+frame at scan 0 (x forward, z up, like every LiDAR frame, where w has z forward and y down):
+``p_odom = inv(Tr) p_w``. So
+
+    T_odom_lidar(i) = inv(Tr) @ T_i @ Tr,      T_odom_lidar(0) = I
+
+(SemanticKITTI's own tools use the same product). ``Frame.pose`` holds it; kitti2bag writes it as
+/tf ``odom`` -> ``velodyne`` at each cloud's stamp. test/test_odometry.py checks it on the real
+scans: static structure of scan j, moved by T_odom_lidar(0)^-1 T_odom_lidar(j), lands on scan 0's.
 """
 
 from __future__ import annotations
@@ -25,7 +39,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pl3d_ros.frame import CameraModel, Frame, FrameError
+from pl3d_ros.frame import RIGID_TOLERANCE, CameraModel, Frame, FrameError
+from pl3d_ros.io.odometry import ODOM_FRAME
 from pl3d_ros.transforms import invert
 
 log = logging.getLogger(__name__)
@@ -65,6 +80,31 @@ def read_calib(path: str | Path) -> dict[str, np.ndarray]:
     return out
 
 
+def read_poses(path: str | Path, calib: dict[str, np.ndarray]) -> np.ndarray:
+    """poses.txt -> (M, 4, 4) float64 T_odom_lidar, the LiDAR's pose at each scan in the LiDAR
+    frame of scan 0 (metres): inv(Tr) @ T_w_cam0 @ Tr (module docstring).
+
+    Raises KittiError for a line that is not 12 numbers or a pose that is not rigid.
+    """
+    try:
+        raw = np.loadtxt(path, dtype=np.float64, ndmin=2)
+    except (OSError, ValueError) as exc:
+        raise KittiError(f"cannot read poses {path}: {exc}") from exc
+    if raw.shape[1] != 12:
+        raise KittiError(f"{path}: {raw.shape[1]} values per line, expected 12 (3x4 row-major)")
+    T_w_cam = np.tile(np.eye(4), (raw.shape[0], 1, 1))
+    T_w_cam[:, :3, :] = raw.reshape(-1, 3, 4)
+    R = T_w_cam[:, :3, :3]
+    err = np.abs(np.einsum("nij,nkj->nik", R, R) - np.eye(3)).max(axis=(1, 2))
+    bad = np.flatnonzero((err > RIGID_TOLERANCE) | ~np.isfinite(err)
+                         | (np.abs(np.linalg.det(R) - 1.0) > RIGID_TOLERANCE))
+    if bad.size:
+        raise KittiError(f"{path}:{bad[0] + 1}: pose is not a rigid transform "
+                         f"(|R R^T - I|max = {err[bad[0]]:.2e}); {bad.size} such lines")
+    Tr = np.vstack([calib["Tr"], [0.0, 0.0, 0.0, 1.0]])
+    return invert(Tr) @ T_w_cam @ Tr
+
+
 def camera_from_calib(calib: dict[str, np.ndarray], width: int, height: int) -> CameraModel:
     """The image_2 CameraModel: K from P2, P2's baseline offset folded into T_cam_lidar."""
     P2 = calib["P2"]
@@ -77,7 +117,8 @@ def camera_from_calib(calib: dict[str, np.ndarray], width: int, height: int) -> 
 
 @dataclass(frozen=True)
 class KittiSequence:
-    """A SemanticKITTI sequence folder (velodyne/, labels/ optional, image_2/, calib.txt, times.txt)."""
+    """A SemanticKITTI sequence folder (velodyne/, labels/ optional, image_2/, calib.txt,
+    times.txt, poses.txt optional: without it frames have no pose)."""
 
     root: Path
 
@@ -113,6 +154,24 @@ class KittiSequence:
     def stamp_ns(self, i: int, start_ns: int = DEFAULT_START_NS) -> int:
         """Stamp of frame i: start_ns + times.txt (rounded to the nanosecond)."""
         return int(start_ns) + int(round(self._times[int(self._ids[i])] * 1e9))
+
+    @property
+    def has_poses(self) -> bool:
+        return (self.root / "poses.txt").is_file()
+
+    def pose(self, i: int) -> np.ndarray | None:
+        """(4, 4) T_odom_lidar of scan i (odom: the LiDAR frame of scan 0; read_poses), or None
+        without poses.txt. poses.txt is read on first use."""
+        poses = self.__dict__.get("_poses")
+        if poses is None:
+            if not self.has_poses:
+                return None
+            poses = read_poses(self.root / "poses.txt", self._calib)
+            if poses.shape[0] < int(self._ids[-1]) + 1:
+                raise KittiError(f"{self.root}/poses.txt has {poses.shape[0]} poses, scan "
+                                 f"{self._ids[-1]} needs more")
+            object.__setattr__(self, "_poses", poses)
+        return poses[int(self._ids[i])].copy()
 
     def read_points(self, i: int) -> np.ndarray:
         """(N, 4) float32 x, y, z (metres), reflectance of scan i."""
@@ -154,7 +213,7 @@ class KittiSequence:
         points, labels, image = self.read(i)
         camera = self.camera(image.shape[1], image.shape[0])
         return Frame(self.stamp_ns(i, start_ns), points, image, camera, labels, seq=i,
-                     lidar_frame_id=LIDAR_FRAME)
+                     lidar_frame_id=LIDAR_FRAME, pose=self.pose(i))
 
     def frames(self, start_ns: int = DEFAULT_START_NS) -> Iterator[Frame]:
         """All frames in order; a malformed frame is logged and skipped."""
@@ -178,7 +237,9 @@ def sequence_to_bag(
     """Write a SemanticKITTI sequence as a ROS 2 bag; returns the number of frames written.
 
     Topics: /camera/image_raw (rgb8), /camera/camera_info, /lidar/points (x, y, z, intensity
-    float32 + label uint32 holding the raw .label value when labels exist), /tf_static.
+    float32 + label uint32 holding the raw .label value when labels exist), /tf_static, and
+    with poses.txt /tf: ``odom`` -> ``velodyne`` (T_odom_lidar, see read_poses) at each cloud's
+    stamp, written before the frame's messages so that a player publishes it first.
     """
     from pl3d_ros.io import bag as bagio  # the writer lives with the reader
 
@@ -192,6 +253,9 @@ def sequence_to_bag(
             if i == 0:
                 writer.write_static_transform(stamp, LIDAR_FRAME, CAMERA_FRAME,
                                               invert(camera.T_cam_lidar))
+            pose = seq.pose(i)
+            if pose is not None:
+                writer.write_transform(stamp, ODOM_FRAME, LIDAR_FRAME, pose)
             extra = {"label": labels} if labels is not None else {}
             writer.write_frame(stamp, points, image, camera, LIDAR_FRAME, CAMERA_FRAME, extra)
             if progress:

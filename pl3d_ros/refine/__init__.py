@@ -36,6 +36,7 @@ __all__ = [
     "MaskProviderError",
     "MlaResult",
     "MobileSamProvider",
+    "PointMasks",
     "PropagationResult",
     "RefineResult",
     "SamProvider",
@@ -49,6 +50,7 @@ __all__ = [
     "propagate",
     "propagation_radius",
     "refine_pseudo_labels",
+    "refine_with_masks",
     "resolve_overlaps",
 ]
 
@@ -112,6 +114,23 @@ def point_mask_ids(pixels: np.ndarray, in_view: np.ndarray, mask_image: np.ndarr
     return out
 
 
+@dataclass(frozen=True, eq=False)
+class PointMasks:
+    """Which mask each point of a frame falls in: mask_id (N,) int64 (-1 none), areas (K,) int64
+    pixels per mask, image_area (pixels). Kept with a frame so that its labels can be refined
+    again later (a memory frame re-labelled by a newer teacher) without recomputing masks."""
+
+    mask_id: np.ndarray
+    areas: np.ndarray
+    image_area: int
+
+    @classmethod
+    def of(cls, pixels: np.ndarray, in_view: np.ndarray, mask_image: np.ndarray) -> PointMasks:
+        """pixels (N, 2) int (u, v) and in_view (N,) of the points in ``mask_image`` (H, W)."""
+        mask_image = np.asarray(mask_image)
+        return cls(point_mask_ids(pixels, in_view, mask_image), mask_areas(mask_image), int(mask_image.size))
+
+
 def refine_pseudo_labels(
     points: np.ndarray,
     depth: np.ndarray,
@@ -144,20 +163,28 @@ def refine_pseudo_labels(
     """
     labels = np.asarray(labels, dtype=np.int64)
     n = labels.shape[0]
+    in_view = np.asarray(in_view, dtype=bool)
+    if in_view.shape != (n,):
+        raise ValueError(f"in_view must have shape ({n},), got {in_view.shape}")
+    return refine_with_masks(points, depth, PointMasks.of(pixels, in_view, mask_image), labels, sensor, cfg,
+                             gapp=gapp)
+
+
+def refine_with_masks(points: np.ndarray, depth: np.ndarray, masks: PointMasks, labels: np.ndarray,
+                      sensor: RangeImageConfig, cfg: RefineConfig, *, gapp: bool = True) -> RefineResult:
+    """``refine_pseudo_labels`` with the points' masks already known (see PointMasks)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    n = labels.shape[0]
     pts = np.asarray(points)
     if pts.ndim != 2 or pts.shape[0] != n or pts.shape[1] not in (3, 4):
         raise ValueError(f"points must have shape ({n}, 3), got {pts.shape}")
     depth = np.asarray(depth)
     if depth.shape != (n,):
         raise ValueError(f"depth must have shape ({n},), got {depth.shape}")
-    in_view = np.asarray(in_view, dtype=bool)
-    if in_view.shape != (n,):
-        raise ValueError(f"in_view must have shape ({n},), got {in_view.shape}")
-
-    mask_image = np.asarray(mask_image)
-    mask_id = point_mask_ids(pixels, in_view, mask_image)
-    areas = mask_areas(mask_image)
-    mla = assign_mask_labels(mask_id, labels, areas, int(mask_image.size), cfg)
+    mask_id = masks.mask_id
+    if mask_id.shape != (n,):
+        raise ValueError(f"mask ids must have shape ({n},), got {mask_id.shape}")
+    mla = assign_mask_labels(mask_id, labels, masks.areas, masks.image_area, cfg)
     if gapp:
         prop = propagate(pts, depth, mask_id, labels, mla.mask_class, sensor, cfg)
     else:

@@ -2,8 +2,9 @@
 
 The bag has the layout ``pl3d kitti2bag`` writes (``io/kitti.py``): /camera/image_raw (rgb8),
 /camera/camera_info, /lidar/points (x, y, z, intensity float32 + ``label`` uint32 holding the raw
-SemanticKITTI label), and one /tf_static transform velodyne -> camera_color_left_optical. So
-``io.bag.BagReader``, replay and evaluation read simulated and real drives alike.
+SemanticKITTI label), one /tf_static transform velodyne -> camera_color_left_optical, and /tf
+odom -> velodyne at each cloud's stamp (the world frame is the odometry frame: perfect
+odometry). So ``io.bag.BagReader``, replay and evaluation read simulated and real drives alike.
 
 Determinism: the world comes from ``seed``; each frame's sensor noise from (seed, frame index),
 so frame i is the same whether simulated alone or in a sequence.
@@ -19,6 +20,7 @@ import numpy as np
 
 from pl3d_ros.frame import CameraModel, Frame
 from pl3d_ros.io.kitti import CAMERA_FRAME, DEFAULT_START_NS, LIDAR_FRAME
+from pl3d_ros.io.odometry import ODOM_FRAME
 from pl3d_ros.sim.camera import render
 from pl3d_ros.sim.lidar import scan
 from pl3d_ros.sim.presets import SimPreset, get_preset
@@ -33,7 +35,8 @@ class SimFrame:
     stamp_ns: nanoseconds; points (N, 4) float32 x, y, z (metres, LiDAR frame), intensity;
     labels (N,) uint32 raw SemanticKITTI labels; ring (N,) int16 beam of each point;
     image (H, W, 3) uint8 RGB; image_labels (H, W) uint32 raw label per pixel (0: sky);
-    camera: intrinsics and T_cam_lidar; T_world_lidar (4, 4): the LiDAR's pose in the world.
+    camera: intrinsics and T_cam_lidar; T_world_lidar (4, 4): the LiDAR's pose in the world
+    (metres), which is the odometry frame of ``Frame.pose`` and of the bag's /tf.
     """
 
     seq: int
@@ -47,9 +50,10 @@ class SimFrame:
     T_world_lidar: np.ndarray
 
     def to_frame(self) -> Frame:
-        """The pl3d_ros Frame (ground truth as raw labels, like a SemanticKITTI frame)."""
+        """The pl3d_ros Frame (ground truth as raw labels, like a SemanticKITTI frame; pose
+        T_world_lidar)."""
         return Frame(self.stamp_ns, self.points, self.image, self.camera, self.labels, seq=self.seq,
-                     lidar_frame_id=LIDAR_FRAME)
+                     lidar_frame_id=LIDAR_FRAME, pose=self.T_world_lidar)
 
 
 class Simulator:
@@ -122,6 +126,7 @@ def write_bag(preset: str | SimPreset, frames: int, out_path: str | Path, seed: 
             if f.seq == 0:
                 writer.write_static_transform(f.stamp_ns, LIDAR_FRAME, CAMERA_FRAME,
                                               invert(f.camera.T_cam_lidar))
+            writer.write_transform(f.stamp_ns, ODOM_FRAME, LIDAR_FRAME, f.T_world_lidar)
             writer.write_frame(f.stamp_ns, f.points, f.image, f.camera, LIDAR_FRAME, CAMERA_FRAME,
                                {"label": f.labels})
             if progress:

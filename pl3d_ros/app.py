@@ -117,7 +117,7 @@ def build(cfg: Config, *, checkpoint: str | Path | None = None,
     if adapting:
         from pl3d_ros.adapt.adapter import Adapter
 
-        deployer = WeightDeployer(segmenter.backend.swap_weights)
+        deployer = WeightDeployer(segmenter.deploy)
         dev = adaptation_device()
         # The adapter copies the source; on a GPU a copy moves there, the backend's model stays.
         source = net if dev.type == "cpu" else copy.deepcopy(net).to(dev)

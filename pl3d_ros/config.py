@@ -281,6 +281,12 @@ class AdaptConfig(Section):
     prototype_momentum: float = setting(0.999, "EMA momentum of the class prototypes", min=0.0, max=1.0)
     weight_xm: float = setting(0.1, "weight of the cross-modal consistency loss", min=0.0, max=100.0)
     restore_prob: float = setting(0.01, "stochastic restore: per-element probability per step", min=0.0, max=1.0)
+    fusion_beta: float = setting(3.0, "shift-aware fusion: branch log-weight per unit of BN-statistics shift",
+                                 min=0.0, max=1000.0)
+    fusion_momentum: float = setting(0.9, "shift-aware fusion: smoothing of the branch shifts over frames",
+                                     min=0.0, max=1.0)
+    shift_reset_min_jump: float = setting(0.06, "domain-change reset: smallest jump of a branch's shift that counts",
+                                          gt=0.0, max=100.0)
     collapse_window: int = setting(20, "collapse guard window", unit="frames", min=1)
     collapse_max_class_share: float = setting(0.95, "collapse: share of the most frequent predicted class above this",
                                               min=0.0, max=1.0)

@@ -21,7 +21,8 @@ class AdapterHealth:
     the hand-off from inference (dropped: replaced in the full buffer, or stale when a step
     ended); errors / last_error: failed (rolled-back) steps and hand-offs; weight_swaps /
     last_swap_time (wall-clock s): deployments to the backend; restores / collapse_restores:
-    returns to the source (every kind / by the collapse guard); last_step_ms: wall time of the
+    returns to the source (every kind / by the collapse guard); domain_resets: restarts from the
+    source at a detected change of domain; last_step_ms: wall time of the
     last frame's adaptation; resumed_from: the adapted checkpoint it started from; the target-
     frame memory (frames, MB, steps on memory frames alone, lazy re-labellings); frame_work_ms /
     step_ms: the last new frame's own work (teacher and source forwards, masks, refinement) and the
@@ -51,6 +52,7 @@ class AdapterHealth:
     memory_refreshes: int = 0
     frame_work_ms: float | None = None
     step_ms: float | None = None
+    domain_resets: int = 0
     pseudo_label_density: float | None = None
     base_density: float | None = None
     base_precision: float | None = None

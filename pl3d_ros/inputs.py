@@ -132,12 +132,13 @@ class PointOutputs:
             return self
         return PointOutputs(f(self.logits_2d), f(self.logits_3d), f(self.feat_2d), f(self.feat_3d))
 
-    def probs(self, in_view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def probs(self, in_view: torch.Tensor, bias: torch.Tensor | tuple[float, float] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (prob_2d (M, C), prob_3d (N, C), fused (N, C)): softmax per branch, then the
-        entropy-weighted fusion that inference deploys."""
+        entropy-weighted fusion that inference deploys (``bias``: its branch log-weights)."""
         p2 = self.logits_2d.softmax(dim=1)
         p3 = self.logits_3d.softmax(dim=1)
-        return p2, p3, fuse(p2, p3, in_view)
+        return p2, p3, fuse(p2, p3, in_view, bias)
 
 
 def point_outputs(inputs: NetworkInputs, logits_2d: torch.Tensor, logits_3d: torch.Tensor,

@@ -59,7 +59,10 @@ def test_teacher_changes_and_on_weights_every_m_steps():
     for i in range(4):
         ad.step(synthetic_frame(i, seq=i))
     assert len(calls) == 2 and ad.health().weight_swaps == 2
-    state = calls[-1]
+    state = dict(calls[-1])
+    from pl3d_ros.pipeline import FUSION_KEY
+
+    assert state.pop(FUSION_KEY).shape == (2,)  # the shift-aware fusion deploys with the weights
     assert set(state) == set(src.state_dict()) and all(v.device.type == "cpu" for v in state.values())
     teacher = ad.teacher.state_dict()
     assert all(torch.equal(state[k], teacher[k]) for k in state)
@@ -144,7 +147,11 @@ def test_collapse_guard_restores_the_source():
     assert h.collapse_restores == 1 and h.restores == 1 and h.errors == 0
     src = ad.method.models.source.state_dict()
     assert all(torch.equal(v, src[k]) for k, v in ad.teacher.state_dict().items())
-    assert len(calls) == 1 and all(torch.equal(v, src[k]) for k, v in calls[0].items())
+    from pl3d_ros.pipeline import FUSION_KEY
+
+    deployed = dict(calls[0])
+    assert torch.equal(deployed.pop(FUSION_KEY), torch.zeros(2))  # the fusion is back to plain too
+    assert len(calls) == 1 and all(torch.equal(v, src[k]) for k, v in deployed.items())
     assert not ad.step(synthetic_frame(2, seq=2))["collapse"]
 
 

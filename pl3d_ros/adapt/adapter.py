@@ -37,6 +37,7 @@ from pl3d_ros.config import Config
 from pl3d_ros.frame import Frame
 from pl3d_ros.health import AdapterHealth
 from pl3d_ros.inputs import NetworkInputs
+from pl3d_ros.pipeline import FUSION_KEY
 from pl3d_ros.models.checkpoint import CheckpointError, CheckpointHeader, load_checkpoint, save_checkpoint
 from pl3d_ros.models.two_stream import TwoStreamNet
 
@@ -84,6 +85,7 @@ class Adapter:
         a = cfg.adapt
         self.memory = FrameMemory(a.memory_frames, int(a.memory_mb * 2**20), seed=self.seed)
         self._memory_steps = 0  # steps on memory frames alone (realtime idle time)
+        self._domain_resets = 0
         self._memory_steps_since_frame = 0
         self._refreshes = 0
         self._frame_work_ms: float | None = None
@@ -156,6 +158,12 @@ class Adapter:
                 state.labelled_at = self._steps
                 self._frame_work_ms = (time.perf_counter() - t_prep) * 1e3
                 stats.update(state.stats)
+                if state.domain_reset:  # a new domain: the memory holds the last one's frames
+                    self.memory.clear()
+                    self._restores += 1
+                    self._domain_resets += 1
+                    log.info("domain change detected at frame %d: adaptation restarted from the source", index)
+                    self._emit_weights()
                 if state.collapsed:
                     self.memory.clear()  # its pseudo-labels came from the collapsed teacher
                     self._after_step(collapsed=True, stats=stats)
@@ -253,6 +261,8 @@ class Adapter:
         if self.on_weights is None:
             return
         state = self.method.models.teacher_state()
+        if self.method.fusion_bias is not None:  # the fusion deploys with the weights (Segmenter.deploy)
+            state[FUSION_KEY] = self.method.fusion_bias.detach().to("cpu", copy=True)
         bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:  # never deploy NaN / inf (the step checks already; this guards every path)
             self._count_error()
@@ -379,7 +389,8 @@ class Adapter:
             resumed_from=self.resumed_from,
             pseudo_label_density=last.get("filtered_density", last.get("base_density")),
             memory_frames=len(self.memory), memory_mb=self.memory.bytes / 2**20, memory_steps=self._memory_steps,
-            memory_refreshes=self._refreshes, frame_work_ms=self._frame_work_ms, step_ms=self._step_ms, **stages)
+            memory_refreshes=self._refreshes, frame_work_ms=self._frame_work_ms, step_ms=self._step_ms,
+            domain_resets=self._domain_resets, **stages)
 
     def pseudo_label_totals(self) -> dict[str, Any]:
         """Pseudo-label counts summed over every frame stepped (see adapt.quality.QualityTotals)."""
@@ -399,8 +410,11 @@ class Adapter:
             training["adaptation"] = {
                 "method": a.method, "disable": list(a.disable), "trainable": a.trainable,
                 "frames": self._frames, "steps": self._steps, "restores": self._restores,
-                "collapse_restores": self._collapse_restores, "saved_unix_s": time.time(),
+                "collapse_restores": self._collapse_restores, "domain_resets": self._domain_resets,
+                "saved_unix_s": time.time(),
                 "resumed_from": self.resumed_from,
+                "fusion_bias": (None if self.method.fusion_bias is None
+                                else [float(v) for v in self.method.fusion_bias]),
             }
             header = dataclasses.replace(self.header, training=training)  # branches kept
             return save_checkpoint(path, self.method.teacher, header)

@@ -21,6 +21,7 @@ full    sections 0-5 with a mean teacher; each component can be switched off thr
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, ClassVar
 
 import numpy as np
@@ -28,6 +29,7 @@ import torch
 
 from pl3d_ros import registry
 from pl3d_ros.adapt import terms as T
+from pl3d_ros.adapt.fusion import BranchShift, ShiftChangeDetector
 from pl3d_ros.adapt.pseudo_labels import PseudoLabeler
 from pl3d_ros.adapt.reliability import reliability_split
 from pl3d_ros.adapt.state import FrameState, PseudoLabels, StepResult, TeacherOutput
@@ -64,6 +66,7 @@ class Method:
                                      other_lr_scale=a.other_lr_scale, deploy=self.deploy or a.deploy)
         self.terms: list[T.LossTerm] = []
         self.bf16 = a.precision == "bf16"
+        self.fusion_bias: torch.Tensor | None = None  # branch log-weights of the fusion (None: plain)
 
     @property
     def teacher(self) -> torch.nn.Module:
@@ -111,7 +114,7 @@ class Method:
         ctxs, total, values = [], None, {}
         for st, out in zip(states, outs):
             out = out.float()
-            _, _, qf = out.probs(st.in_view)
+            _, _, qf = out.probs(st.in_view, self.fusion_bias)
             ctx = T.StepContext(st, out, qf)
             if split_fn is not None:
                 split_fn(ctx)
@@ -178,7 +181,7 @@ def teacher_pass(method: Method, state: FrameState) -> TeacherOutput:
     with torch.no_grad(), method.autocast():
         out = forward_points(method.models.teacher, state.inputs).float()
     with torch.no_grad():
-        p2, p3, pf = out.probs(state.in_view)
+        p2, p3, pf = out.probs(state.in_view, method.fusion_bias)
     if not (bool(torch.isfinite(pf).all()) and bool(torch.isfinite(p2).all())):
         raise NonFiniteOutputs("the deployed network's outputs on this frame are not finite")
     return TeacherOutput(p2, p3, pf)
@@ -269,11 +272,21 @@ class Full(Method):
             self.terms.append(T.CrossModalKL(a.weight_xm))
         self.guard = (CollapseGuard(self.num_classes, a.collapse_window, a.collapse_max_class_share,
                                     a.collapse_max_disagreement) if on["guard"] else None)
+        needs_shift = on["fusion"] or on["shift_reset"]
+        self.shift = BranchShift(self.models.source, a.fusion_momentum) if needs_shift else None
+        self.change = ShiftChangeDetector(a.shift_reset_min_jump) if on["shift_reset"] else None
+        self.domain_resets = 0
+        if on["fusion"]:
+            self.fusion_bias = torch.zeros(2, device=dev)
         self.collapses = 0
 
     def reset(self) -> None:
         super().reset()
         self.labeler.reset()
+        if self.shift is not None:
+            self.shift.reset()
+        if self.fusion_bias is not None:
+            self.fusion_bias = torch.zeros_like(self.fusion_bias)
         if self.guard is not None:
             self.guard.reset()
         if self.refinement is not None:
@@ -281,13 +294,26 @@ class Full(Method):
 
     def prepare(self, state: FrameState) -> None:
         st = state.stats
-        state.teacher = teacher = teacher_pass(self, state)
         source_out = source_fused = None
-        if self.guard is not None or (self.erda is not None and self.erda.needs_source):
-            with torch.no_grad(), self.autocast():
+        if self.guard is not None or self.shift is not None or (self.erda is not None and self.erda.needs_source):
+            with torch.no_grad(), self.autocast(), (self.shift if self.shift is not None else nullcontext()):
                 source_out = forward_points(self.models.source, state.inputs).float()
+            if self.shift is not None:
+                frame_shift = self.shift.frame_shift()
+                if self.change is not None and frame_shift is not None and self.change.observe(frame_shift):
+                    # A new domain: what was adapted to the last one is worse than the source
+                    # here, so start again from the source (this frame's shift seeds the new one).
+                    self.reset()
+                    self.domain_resets += 1
+                    state.domain_reset = True
+                    st["domain_reset"] = True
+                shift = self.shift.update()
+                if self.fusion_bias is not None:
+                    self.fusion_bias = self.shift.bias(self.cfg.adapt.fusion_beta).to(self.device)
+                st.update(shift_2d=float(shift[0]), shift_3d=float(shift[1]))
             with torch.no_grad():
-                _, _, source_fused = source_out.probs(state.in_view)
+                _, _, source_fused = source_out.probs(state.in_view, self.fusion_bias)
+        state.teacher = teacher = teacher_pass(self, state)
         if self.guard is not None:
             check = self.guard.observe(teacher.fused.argmax(1), source_fused.argmax(1))
             st.update(class_share=check.class_share, disagreement=check.disagreement)

@@ -71,10 +71,11 @@ class ReplayError(RuntimeError):
 
 
 def read_options(cfg: Config, topics: BagTopics | None = None) -> ReadOptions:
-    """Reading options from the settings: ``sync.slop_s``, ``frames.static_extrinsics``."""
+    """Reading options from the settings: ``sync.slop_s``, ``frames.static_extrinsics``,
+    ``frames.odom_frame``."""
     ext = cfg.frames.static_extrinsics
     return ReadOptions(topics or BagTopics(), cfg.sync.slop_s,
-                       np.asarray(ext, np.float64).reshape(4, 4) if ext else None)
+                       np.asarray(ext, np.float64).reshape(4, 4) if ext else None, cfg.frames.odom_frame)
 
 
 class LabeledBagWriter:
@@ -239,7 +240,8 @@ def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_di
         "disabled_components": list(cfg.adapt.disable) if method == "full" else [],
         "adapt_steps": health.steps if health else 0, "weight_swaps": int(backend.swaps),
         "adapter_errors": health.errors if health else 0,
-        "restores": {"collapse": health.collapse_restores if health else 0},
+        "restores": {"collapse": health.collapse_restores if health else 0,
+                     "domain_change": health.domain_resets if health else 0},
         "pseudo_labels": _pseudo_label_summary(adapter.pseudo_label_totals() if adapter else None),
         "frames_processed": counts["processed"], "frames_scored": counts["scored"],
         "inputs_read": inputs_read,

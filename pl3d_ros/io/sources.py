@@ -14,17 +14,20 @@ import numpy as np
 from pl3d_ros.frame import Frame
 from pl3d_ros.io.bag import BagError, BagReader, BagTopics
 from pl3d_ros.io.kitti import KittiSequence
+from pl3d_ros.io.odometry import ODOM_FRAME
 
 
 @dataclass(frozen=True)
 class ReadOptions:
     """How to read a bag: topics (``BagTopics.given`` for names a user chose), the largest
-    image-cloud stamp difference that pairs (s), and extrinsics to use instead of the bag's TF
-    ((4, 4) T_cam_lidar, None: from /tf_static or /tf). KITTI folders need none of them."""
+    image-cloud stamp difference that pairs (s), extrinsics to use instead of the bag's TF
+    ((4, 4) T_cam_lidar, None: from /tf_static or /tf), and the odometry frame of each Frame's
+    pose ("" = none). KITTI folders need none of them (their poses come from poses.txt)."""
 
     topics: BagTopics = field(default_factory=BagTopics)
     slop_s: float = 0.05
     T_cam_lidar: np.ndarray | None = None
+    odom_frame: str = ODOM_FRAME
 
 
 @dataclass
@@ -49,7 +52,7 @@ class FrameSource:
             self.stats = {"frames": n, "frames_skipped": 0}
             return
         o = self.options
-        reader = BagReader(self.path, o.topics, slop_s=o.slop_s, T_cam_lidar=o.T_cam_lidar)
+        reader = BagReader(self.path, o.topics, slop_s=o.slop_s, T_cam_lidar=o.T_cam_lidar, odom_frame=o.odom_frame)
         n = 0
         try:
             for frame in reader.frames():

@@ -40,15 +40,21 @@ def entropy(p: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return -(p * torch.log(p.clamp_min(eps))).sum(-1)
 
 
-def fuse(prob_2d: torch.Tensor, prob_3d: torch.Tensor, in_view: torch.Tensor) -> torch.Tensor:
+def fuse(prob_2d: torch.Tensor, prob_3d: torch.Tensor, in_view: torch.Tensor,
+         bias: torch.Tensor | tuple[float, float] | None = None) -> torch.Tensor:
     """Entropy-weighted fusion of the branches (Latte): (M, C), (N, C), (N,) bool -> (N, C).
 
-    In view, each branch is weighted by exp(-entropy) and the weights normalised; out of view the
-    3D branch stands alone.
+    In view, each branch is weighted by exp(-entropy + bias_b) and the weights normalised; out
+    of view the 3D branch stands alone. ``bias`` (2,): log-weights of the 2D and 3D branch (the
+    shift-aware fusion of ``adapt.fusion``; None or zeros: plain entropy weighting).
     """
     fused = prob_3d.clone()
     p3 = prob_3d[in_view]
-    w2 = torch.exp(-entropy(prob_2d))
-    w3 = torch.exp(-entropy(p3))
+    e2, e3 = -entropy(prob_2d), -entropy(p3)
+    if bias is not None:
+        b = torch.as_tensor(bias, dtype=e2.dtype, device=e2.device)
+        e2, e3 = e2 + b[0], e3 + b[1]
+    w2 = torch.exp(e2)
+    w3 = torch.exp(e3)
     fused[in_view] = (w2[:, None] * prob_2d + w3[:, None] * p3) / (w2 + w3)[:, None]
     return fused

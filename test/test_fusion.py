@@ -1,0 +1,84 @@
+"""Shift-aware fusion: branch shifts from the source network's BN statistics, the biased fusion,
+and its deployment to the segmenter."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from fakes import header, small_model, synthetic_frame
+from pl3d_ros.adapt.fusion import BranchShift
+from pl3d_ros.inputs import forward_points, prepare
+from pl3d_ros.models.points import fuse
+from pl3d_ros.pipeline import FUSION_KEY, Segmenter
+
+
+def _inputs(frame):
+    h = header()
+    return prepare(frame, (h.model.image_width, h.model.image_height), h.sensor)
+
+
+def test_a_shifted_image_shows_as_image_branch_shift():
+    model = small_model()
+    f = synthetic_frame(0)
+    # a source model whose BN running statistics are this frame's (as if trained on its domain)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 1.0
+    model.train()
+    with torch.no_grad():
+        forward_points(model, _inputs(f))
+    model.eval()
+    shift = BranchShift(model, momentum=0.0)
+    with torch.no_grad(), shift:
+        forward_points(model, _inputs(f))
+    plain = shift.update().clone()
+    dark = dataclasses.replace(f, image=(f.image // 8).astype(np.uint8))  # a night-like image
+    with torch.no_grad(), shift:
+        forward_points(model, _inputs(dark))
+    shifted = shift.update()
+    assert plain.max() < 1e-3  # its own domain: no shift
+    assert shifted[0] > 0.1  # the image branch moved ...
+    assert torch.isclose(shifted[1], plain[1], atol=1e-5)  # ... the LiDAR did not
+    assert shift.bias(3.0)[0] < shift.bias(3.0)[1]  # so the image branch is trusted less
+
+
+def test_biased_fusion_trusts_the_less_shifted_branch():
+    p2 = torch.tensor([[0.9, 0.1]])
+    p3 = torch.tensor([[0.2, 0.8]])
+    iv = torch.tensor([True])
+    assert fuse(p2, p3, iv)[0].argmax() == 0  # 2D is more confident
+    assert fuse(p2, p3, iv, (-3.0, 0.0))[0].argmax() == 1  # ... but its input shifted
+    assert torch.allclose(fuse(p2, p3, iv, (0.0, 0.0)), fuse(p2, p3, iv))
+
+
+def test_segmenter_deploys_the_fusion_beside_the_weights():
+    swapped = []
+
+    class Backend:
+        def swap_weights(self, state):
+            swapped.append(state)
+
+    seg = Segmenter(Backend(), header())
+    assert seg.fusion_bias is None
+    seg.deploy({"w": torch.ones(1), FUSION_KEY: torch.tensor([-1.5, 0.0])})
+    assert seg.fusion_bias == (-1.5, 0.0) and swapped == [{"w": torch.ones(1)}]
+    seg.deploy({FUSION_KEY: torch.tensor([0.0, -2.0])})  # fusion only: no engine swap
+    assert seg.fusion_bias == (0.0, -2.0) and len(swapped) == 1
+
+
+def test_domain_changes_are_detected_from_the_shift_series():
+    from pl3d_ros.adapt.fusion import ShiftChangeDetector
+
+    g = np.random.default_rng(0)
+    # fog -> night -> sensor as the sim's source model sees them (image, range), with noise
+    levels = [(0.50, 0.17), (0.16, 0.05), (0.03, 0.32)]
+    series = [torch.tensor(lv) + torch.tensor(g.normal(0, 0.02, 2)) for lv in levels for _ in range(20)]
+    det = ShiftChangeDetector(min_jump=0.06)
+    fired = [i for i, s in enumerate(series) if det.observe(s)]
+    assert fired == [21, 41]  # confirmed on the second frame of each new domain
+    det = ShiftChangeDetector(min_jump=0.06)
+    spike = [torch.tensor((0.2, 0.2))] * 10 + [torch.tensor((0.6, 0.2))] + [torch.tensor((0.2, 0.2))] * 10
+    assert not any(det.observe(s) for s in spike)  # one odd frame is no new domain

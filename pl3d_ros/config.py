@@ -88,7 +88,13 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 @dataclass
 class ModelConfig(Section):
     """Two-stream network shape. The image is resized and centre-cropped to image_width x
-    image_height (pixels) before the image branch; widths are channels per U-Net stage."""
+    image_height (pixels) before the image branch; widths are channels per U-Net stage.
+
+    image_arch / range_arch name each branch's architecture (``registry.IMAGE_BRANCHES`` /
+    ``RANGE_BRANCHES``). ``unet`` branches are what ``pl3d train`` trains from scratch and are
+    sized by the widths; an imported branch (``pl3d import``) is sized by its entry in the
+    checkpoint header's ``branches`` and has no widths ([]).
+    """
 
     key = "model"
 
@@ -98,6 +104,10 @@ class ModelConfig(Section):
     image_height: int = setting(192, "image branch input height", unit="px", min=1)
     image_widths: list[int] = setting([16, 32, 64, 128], "channels per U-Net stage of the image branch", min=1)
     range_widths: list[int] = setting([16, 32, 64, 128], "channels per U-Net stage of the range branch", min=1)
+    image_arch: str = setting("unet", "image branch architecture (unet: pl3d train; others: pl3d import)",
+                              choices=lambda: registry.IMAGE_BRANCHES.names)
+    range_arch: str = setting("unet", "range branch architecture (unet: pl3d train; others: pl3d import)",
+                              choices=lambda: registry.RANGE_BRANCHES.names)
 
     @classmethod
     def from_preset(cls, name: str) -> ModelConfig:
@@ -106,9 +116,15 @@ class ModelConfig(Section):
         return cls(preset=name, **MODEL_PRESETS[name])
 
     def check(self) -> None:
-        for key in ("image_widths", "range_widths"):
-            if len(getattr(self, key)) < 2:
-                raise ConfigError(f"model.{key} needs >= 2 positive integers, got {getattr(self, key)}")
+        for key, arch in (("image_widths", self.image_arch), ("range_widths", self.range_arch)):
+            widths = getattr(self, key)
+            if arch == "unet" and len(widths) < 2:
+                raise ConfigError(f"model.{key} needs >= 2 positive integers, got {widths}")
+            if arch != "unet" and widths:
+                raise ConfigError(f"model.{key} sizes unet branches only; it must be [] for a {arch} "
+                                  f"branch, got {widths}")
+        if self.image_arch != "unet":
+            return  # an imported branch checks its input size itself (models/imported.py)
         div = 2 ** (len(self.image_widths) - 1)
         if self.image_width % div or self.image_height % div:
             raise ConfigError(
@@ -116,6 +132,8 @@ class ModelConfig(Section):
                 f"divisible by {div} for {len(self.image_widths)} U-Net stages")
 
     def check_sensor(self, sensor: RangeImageConfig) -> None:
+        if self.range_arch != "unet":
+            return  # an imported branch checks the range-image size itself
         div = 2 ** (len(self.range_widths) - 1)
         if sensor.rows % div or sensor.cols % div:
             raise ConfigError(
@@ -134,6 +152,10 @@ class TrainingConfig(Root):
 
     def check(self) -> None:
         _check_class_set(self.class_set, "class_set")
+        if self.model.image_arch != "unet" or self.model.range_arch != "unet":
+            raise ConfigError(f"model.image_arch / range_arch {self.model.image_arch} / {self.model.range_arch}: "
+                              "training from scratch builds unet branches only; to fine-tune an imported "
+                              "model use `pl3d train --init CKPT` (the architecture comes from CKPT)")
         self.model.check_sensor(self.sensor)
 
 

@@ -66,6 +66,19 @@ BACKENDS = Registry("backend", {
     "tensorrt": "pl3d_ros.runtime.factory:tensorrt",
 }, "onnxruntime | torch | tensorrt")
 
+#: Branch architectures (``model.image_arch`` / ``model.range_arch`` of a checkpoint header): each
+#: a class with ``imported`` (needs a ``branches`` entry in the header), ``check(header)`` and
+#: ``build(header) -> nn.Module``. unet branches are trained by ``pl3d train``; the others are
+#: pretrained networks that ``pl3d import`` brings in (pl3d_ros/models/imported.py).
+IMAGE_BRANCHES = Registry("image branch architecture", {
+    "unet": "pl3d_ros.models.branches:UNetImage",
+    "espnetv2": "pl3d_ros.models.imported:ESPNetv2Image",
+}, "unet | espnetv2")
+RANGE_BRANCHES = Registry("range branch architecture", {
+    "unet": "pl3d_ros.models.branches:UNetRange",
+    "mininet3d": "pl3d_ros.models.imported:MiniNet3DRange",
+}, "unet | mininet3d")
+
 #: Numeric precisions (``runtime.precision``). TensorRT builds engines in either; the CPU
 #: backends run fp32 whatever is asked.
 PRECISIONS = ("fp16", "fp32")

@@ -9,6 +9,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 KITTI_ROOT = Path(os.environ.get("PL3D_KITTI_ROOT", REPO.parent / "shared" / "data" / "semantickitti-mini"))
+PRETRAINED_ROOT = Path(os.environ.get("PL3D_PRETRAINED_ROOT", REPO.parent / "shared" / "pretrained"))
 
 
 def kitti_sequence_dir(seq: str = "00") -> Path:
@@ -18,6 +19,18 @@ def kitti_sequence_dir(seq: str = "00") -> Path:
         reason = f"SemanticKITTI sample not found at {path} (set PL3D_KITTI_ROOT)"
         if os.environ.get("PL3D_REQUIRE_DATA"):
             pytest.fail(reason)  # CI sets this: real-data tests must run there, not skip
+        pytest.skip(reason)
+    return path
+
+
+def pretrained_path(name: str) -> Path:
+    """A file or folder under ../shared/pretrained (third-party weights, never copied into the
+    repo), or skip the test with the reason; CI (PL3D_REQUIRE_DATA) fails instead."""
+    path = PRETRAINED_ROOT / name
+    if not path.exists():
+        reason = f"pretrained weights not found at {path} (set PL3D_PRETRAINED_ROOT)"
+        if os.environ.get("PL3D_REQUIRE_DATA"):
+            pytest.fail(reason)
         pytest.skip(reason)
     return path
 

@@ -14,6 +14,9 @@ from pl3d_ros.frame import CameraModel, Frame, Prediction
 from pl3d_ros.health import AdapterHealth
 from pl3d_ros.labels import load_class_set
 from pl3d_ros.models.checkpoint import CheckpointHeader
+from pl3d_ros.models.class_map import SEMANTICKITTI_CLASSES
+from pl3d_ros.models.espnetv2 import ESPNetv2
+from pl3d_ros.models.mininet3d import MiniNet3D, MiniNet3DConfig, RangeInputSpec
 from pl3d_ros.models.two_stream import build_model
 
 # ----------------------------------------------------------------------------- the tiny network
@@ -59,6 +62,62 @@ def net_inputs(seed: int = 0) -> dict[str, np.ndarray]:
 
 def bn_weights(net: torch.nn.Module) -> torch.Tensor:
     return torch.cat([m.weight.detach().flatten() for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)])
+
+
+# ----------------------------------------------------------------------------- imported networks
+
+#: A tiny 3D-MiniNet (the real tiny one has 96 features, 7/5 + 2/1 blocks) on SENSOR's 16 x 64.
+MININET_SMALL = MiniNet3DConfig(features=16, enc_blocks_1=2, enc_blocks_2=3, dec_features=16,
+                                dec_blocks_1=2, dec_blocks_2=1, num_classes=20)
+RANGE_SPEC = RangeInputSpec("test", SENSOR.rows, SENSOR.cols, SENSOR.fov_up_deg, SENSOR.fov_down_deg,
+                            (12.12, 10.88, 0.23, -1.04, 0.21), (12.32, 11.47, 6.91, 0.86, 0.16))
+
+
+def _random_bn_stats(model: torch.nn.Module) -> torch.nn.Module:
+    for m in model.modules():  # non-trivial BN statistics, so export folding is exercised
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def small_mininet(seed: int = 0) -> MiniNet3D:
+    """A random MININET_SMALL with SemanticKITTI's 20 outputs (class names as data_cfg.yaml)."""
+    torch.manual_seed(seed)
+    return _random_bn_stats(MiniNet3D(MININET_SMALL, RANGE_SPEC, SEMANTICKITTI_CLASSES))
+
+
+def small_espnetv2(seed: int = 0) -> ESPNetv2:
+    """A random ESPNetv2 at the smallest width (s = 0.5) with Cityscapes' 20 outputs."""
+    torch.manual_seed(seed)
+    return _random_bn_stats(ESPNetv2(20, 0.5))
+
+
+def write_bonnetal_folder(folder, model: MiniNet3D, arch_blocks_1: int | None = None):
+    """``model`` as a lidar-bonnetal model folder (three weight files, arch_cfg.yaml with KNN on,
+    data_cfg.yaml); arch_blocks_1 is what arch_cfg.yaml claims for backbone.block_1."""
+    import yaml
+
+    folder.mkdir()
+    torch.save(model.backbone.state_dict(), folder / "backbone")
+    torch.save(model.decoder.state_dict(), folder / "segmentation_decoder")
+    torch.save(model.head.state_dict(), folder / "segmentation_head")
+    c, s = model.cfg, model.spec
+    arch = {
+        "backbone": {"name": "3dmininet", "input_depth": {"range": True, "xyz": True, "remission": True},
+                     "block_1": c.enc_blocks_1 if arch_blocks_1 is None else arch_blocks_1,
+                     "block_2": c.enc_blocks_2, "features_bottleneck": c.features, "OS": 16},
+        "decoder": {"name": "3dmininet", "block_1": c.dec_blocks_1, "block_2": c.dec_blocks_2,
+                    "features_bottleneck": c.dec_features},
+        "post": {"KNN": {"use": True, "params": {"knn": 7, "search": 7, "sigma": 1.0, "cutoff": 2.0}}},
+        "dataset": {"sensor": {"name": s.sensor, "fov_up": s.fov_up_deg, "fov_down": s.fov_down_deg,
+                               "img_prop": {"width": s.cols, "height": s.rows},
+                               "img_means": list(s.means), "img_stds": list(s.stds)}},
+    }
+    (folder / "arch_cfg.yaml").write_text(yaml.safe_dump(arch))
+    data = {"labels": dict(enumerate(model.class_names)), "learning_map_inv": {i: i for i in range(len(model.class_names))}}
+    (folder / "data_cfg.yaml").write_text(yaml.safe_dump(data))
+    return folder
 
 
 # ----------------------------------------------------------------------------- synthetic frames

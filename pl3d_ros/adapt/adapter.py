@@ -416,5 +416,5 @@ class Adapter:
                 "fusion_bias": (None if self.method.fusion_bias is None
                                 else [float(v) for v in self.method.fusion_bias]),
             }
-            header = CheckpointHeader(self.header.model, self.header.class_set, self.header.sensor, training)
+            header = dataclasses.replace(self.header, training=training)  # branches kept
             return save_checkpoint(path, self.method.teacher, header)

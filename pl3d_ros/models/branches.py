@@ -7,10 +7,15 @@ intensity) with zeros in empty cells.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from pl3d_ros.models.blocks import UNet
+
+if TYPE_CHECKING:
+    from pl3d_ros.models.checkpoint import CheckpointHeader
 
 IMAGE_MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics: a convention, not a trained value
 IMAGE_STD = (0.229, 0.224, 0.225)
@@ -59,3 +64,24 @@ class RangeBranch(_Branch):
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         occupied = (x[:, :1] > 0).to(x.dtype)
         return super().normalise(x) * occupied
+
+
+class UNetArch:
+    """The ``unet`` architecture of one branch (registry.IMAGE_BRANCHES / RANGE_BRANCHES): sized
+    by ``model.image_widths`` / ``range_widths``, which ModelConfig.check validates; it has no
+    entry in the header's ``branches``."""
+
+    imported = False
+
+    def __init__(self, kind: str, branch: type[_Branch]) -> None:
+        self.kind, self.branch = kind, branch
+
+    def check(self, header: CheckpointHeader) -> None:
+        """Nothing beyond ModelConfig.check / check_sensor."""
+
+    def build(self, header: CheckpointHeader) -> _Branch:
+        return self.branch(header.class_set.num_classes, list(getattr(header.model, f"{self.kind}_widths")))
+
+
+UNetImage = UNetArch("image", ImageBranch)
+UNetRange = UNetArch("range", RangeBranch)

@@ -13,6 +13,7 @@ Resuming: after every epoch the checkpoint (weights + header) and a training-sta
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -158,11 +159,15 @@ def train(frames: list[Frame], out: str | Path, class_set: ClassSet, model_cfg: 
           sensor: RangeImageConfig, cfg: TrainConfig, *,
           validate: Callable[[TwoStreamNet, CheckpointHeader], dict[str, float]] | None = None,
           data_summary: dict[str, Any] | None = None, resume: bool = False,
-          device: str | torch.device | None = None, progress: bool = True) -> dict[str, Any]:
+          device: str | torch.device | None = None, progress: bool = True,
+          init: tuple[TwoStreamNet, CheckpointHeader] | None = None) -> dict[str, Any]:
     """Train, checkpointing after every epoch; returns the history.
 
     frames: labeled Frames (raw ids, mapped with ``class_set``). validate(model, header) -> mIoU
-    dict, called every ``cfg.val_every`` epochs and after the last one.
+    dict, called every ``cfg.val_every`` epochs and after the last one. init: (network, header)
+    to fine-tune instead of a fresh unet network (``pl3d train --init``, e.g. an imported model);
+    its header's model and sensor must be ``model_cfg`` / ``sensor``, and its branches (imported
+    sizes, class maps, provenance) are kept in the written checkpoints.
     """
     from tqdm import tqdm
 
@@ -170,9 +175,16 @@ def train(frames: list[Frame], out: str | Path, class_set: ClassSet, model_cfg: 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     train_ids = [class_set.to_train_ids(f.labels) for f in frames]
     weights = class_weights(train_ids, class_set.num_classes).to(device)
-    header = CheckpointHeader(model_cfg, class_set, sensor, {})
     torch.manual_seed(cfg.seed)
-    model = build_model(model_cfg, class_set.num_classes).to(device)
+    if init is not None:
+        init_model, init_header = init
+        if (init_header.model, init_header.sensor, init_header.class_set.name) != (model_cfg, sensor, class_set.name):
+            raise ValueError("train(init=...): model_cfg, sensor and class_set must be the init checkpoint's")
+        header = CheckpointHeader(model_cfg, class_set, sensor, {}, dict(init_header.branches))
+        model = copy.deepcopy(init_model).to(device)
+    else:
+        header = CheckpointHeader(model_cfg, class_set, sensor, {})
+        model = build_model(model_cfg, class_set.num_classes).to(device)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},

@@ -265,6 +265,8 @@ class AdaptConfig(Section):
                              "CPUs with AVX512-BF16 and on GPUs)", choices=("fp32", "bf16"))
     steps_per_frame: int = setting(1, "adaptation steps per new frame (lockstep replay; the step budget of every "
                                    "method)", min=1, max=1000)
+    every_n_frames: int = setting(1, "lockstep replay: adapt on every n-th frame only (the others are labelled and "
+                                  "scored, not adapted on), as a node that cannot keep up drops frames", min=1, max=1000)
     batch_frames: int = setting(1, "frames per step: the newest and batch_frames - 1 from the memory", min=1, max=64)
     memory_frames: int = setting(32, "target-frame memory: frames kept for later steps (0 = none)", min=0, max=10000)
     memory_mb: float = setting(512.0, "target-frame memory: size bound", unit="MB", gt=0.0)

@@ -381,3 +381,10 @@ def test_bf16_adaptation_steps():
     stats = ad.step(synthetic_frame(0))
     assert "error" not in stats and np.isfinite(stats["loss"])
     assert all(v.dtype == torch.float32 for v in ad.teacher.state_dict().values() if v.is_floating_point())
+
+
+def test_every_n_frames_leaves_frames_out_in_lockstep():
+    ad = Adapter(confident_model(), header(), make_cfg(method="tent", every_n_frames=3), seed=0)
+    for i in range(7):
+        ad.step(synthetic_frame(i, n=300, seq=i))
+    assert ad.health().frames == 3 and ad.health().steps == 3  # frames 0, 3, 6

@@ -91,6 +91,7 @@ class Adapter:
         self._frame_work_ms: float | None = None
         self._step_ms: float | None = None
         self._frames = 0  # frames stepped (index of the next frame)
+        self._seen = 0  # frames handed to step() (every_n_frames counts these)
         self._steps = 0
         self._frames_offered = 0
         self._frames_dropped = 0
@@ -137,10 +138,18 @@ class Adapter:
         return self.method.teacher
 
     def step(self, frame: Frame, inputs: NetworkInputs | None = None) -> dict[str, Any]:
-        """Adapt on one frame: prepare it, then cfg.adapt.steps_per_frame steps (capped by the
-        method), then swaps and checkpoints when due. ``inputs``: the network inputs inference
-        made for this frame (prepared here when None). Never raises: a failure is counted and
-        undone, and the returned stats hold ``error``."""
+        """Lockstep: adapt on one frame (every ``adapt.every_n_frames``-th frame handed over; the
+        others are left out, as a node that cannot keep up drops them): prepare it, then
+        ``adapt.steps_per_frame`` steps, then swaps and checkpoints when due. ``inputs``: the
+        network inputs inference made for this frame (prepared here when None). Never raises: a
+        failure is counted and undone, and the returned stats hold ``error``."""
+        every = self.cfg.adapt.every_n_frames
+        seen, self._seen = self._seen, self._seen + 1
+        if every > 1 and seen % every:
+            return {}
+        return self._adapt(frame, inputs)
+
+    def _adapt(self, frame: Frame, inputs: NetworkInputs | None = None) -> dict[str, Any]:
         if not self.method.adapts:  # source: nothing to learn, no per-frame work
             self._frames += 1
             return {}
@@ -334,8 +343,8 @@ class Adapter:
                 self._frames_dropped += len(self._buffer)
                 self._buffer.clear()
             try:
-                self.step(frame, inputs)
-            except BaseException:  # noqa: BLE001 - step() never raises; belt and braces
+                self._adapt(frame, inputs)  # realtime: the frames it takes are what it can do
+            except BaseException:  # noqa: BLE001 - _adapt() never raises; belt and braces
                 self._count_error()
                 self._last_error = traceback.format_exc(limit=1)
                 log.error("adaptation thread: unexpected error:\n%s", traceback.format_exc())

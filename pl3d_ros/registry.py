@@ -55,9 +55,10 @@ METHODS = Registry("adaptation method", {
 #: Components of ``full`` that ``adapt.disable`` can switch off (the ablation). mla..xm are the
 #: refinement stages and loss terms; restore is the stochastic restore (METHODS.md 5.4), guard the
 #: collapse guard (5.5), fusion the shift-aware branch weighting and shift_reset the restore to the
-#: source when the domain changes (both in adapt/fusion.py).
+#: source when the domain changes (both in adapt/fusion.py), entropy TENT's term on the fused
+#: prediction.
 COMPONENTS = ("mla", "gapp", "connectivity", "negative", "erda", "xm", "restore", "guard", "fusion",
-              "shift_reset")
+              "shift_reset", "entropy")
 
 #: Inference backends (``runtime.backend``): the builders in runtime/factory.py.
 BACKENDS = Registry("backend", {

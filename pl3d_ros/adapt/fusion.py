@@ -98,13 +98,16 @@ class ShiftChangeDetector:
 
     The frames since the last change form the current segment. A frame is an outlier when, for
     some branch, it differs from the segment's mean by more than max(min_jump, k * the
-    segment's standard deviation); ``confirm`` outliers in a row make a change, and the
+    segment's standard deviation) and by at least ``min_ratio`` of the larger of the two
+    levels; ``confirm`` outliers in a row make a change, and the
     outliers start the new segment (a lone outlier rejoins the segment). Needs ``min_frames``
     frames in a segment before it can fire.
     """
 
-    def __init__(self, min_jump: float = 0.06, k: float = 6.0, confirm: int = 2, min_frames: int = 3) -> None:
-        self.min_jump, self.k, self.confirm, self.min_frames = float(min_jump), float(k), int(confirm), int(min_frames)
+    def __init__(self, min_jump: float = 0.08, min_ratio: float = 0.5, k: float = 6.0, confirm: int = 2,
+                 min_frames: int = 3) -> None:
+        self.min_jump, self.min_ratio, self.k = float(min_jump), float(min_ratio), float(k)
+        self.confirm, self.min_frames = int(confirm), int(min_frames)
         self.changes = 0
         self.reset()
 
@@ -121,7 +124,12 @@ class ShiftChangeDetector:
         seg = torch.stack(self._segment)
         mean, std = seg.mean(0), seg.std(0, unbiased=False)
         delta = shift - mean
-        outlier = bool((delta.abs() > torch.clamp(self.k * std, min=self.min_jump)).any())
+        # A jump counts when it is large in absolute terms, against the segment's own noise, and
+        # relative to the shift level: KITTI 04 -> 05 under fog moves the range shift 0.29 ->
+        # 0.23 (a new street, the same corruption: no reset), sim fog -> night 0.50 -> 0.16.
+        level = torch.maximum(mean.abs(), shift.abs()).clamp_min(1e-6)
+        outlier = bool(((delta.abs() > torch.clamp(self.k * std, min=self.min_jump))
+                        & (delta.abs() >= self.min_ratio * level)).any())
         if outlier:
             self._pending.append(shift)
             if len(self._pending) >= self.confirm:

@@ -21,7 +21,9 @@ full    sections 0-5 with a mean teacher; each component can be switched off thr
 
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -37,6 +39,23 @@ from pl3d_ros.adapt.teacher import CollapseGuard, TeacherStudent
 from pl3d_ros.config import Config
 from pl3d_ros.inputs import NetworkInputs, PointOutputs, forward_points, point_outputs
 from pl3d_ros.models.checkpoint import CheckpointHeader
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16 in /proc/cpuinfo (Linux); elsewhere: no."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 arithmetic is native on ``device`` (without it autocast emulates and is slower)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    return device.type == "cpu" and _cpu_has_bf16()
 
 
 class NonFiniteOutputs(FloatingPointError):
@@ -65,7 +84,7 @@ class Method:
                                      lr=a.lr, momentum=momentum, initial_state=initial_state,
                                      other_lr_scale=a.other_lr_scale, deploy=self.deploy or a.deploy)
         self.terms: list[T.LossTerm] = []
-        self.bf16 = a.precision == "bf16"
+        self.bf16 = a.precision == "bf16" or (a.precision == "auto" and native_bf16(self.device))
         self.fusion_bias: torch.Tensor | None = None  # branch log-weights of the fusion (None: plain)
 
     @property
@@ -270,11 +289,14 @@ class Full(Method):
             self.terms.append(self.erda)
         if on["xm"]:
             self.terms.append(T.CrossModalKL(a.weight_xm))
+        if on["entropy"]:
+            self.terms.append(T.FusedEntropy(a.weight_entropy))
         self.guard = (CollapseGuard(self.num_classes, a.collapse_window, a.collapse_max_class_share,
                                     a.collapse_max_disagreement) if on["guard"] else None)
         needs_shift = on["fusion"] or on["shift_reset"]
         self.shift = BranchShift(self.models.source, a.fusion_momentum) if needs_shift else None
-        self.change = ShiftChangeDetector(a.shift_reset_min_jump) if on["shift_reset"] else None
+        self.change = (ShiftChangeDetector(a.shift_reset_min_jump, a.shift_reset_min_ratio)
+                       if on["shift_reset"] else None)
         self.domain_resets = 0
         if on["fusion"]:
             self.fusion_bias = torch.zeros(2, device=dev)

@@ -50,7 +50,8 @@ FOV_COLOR = (255, 255, 255)
 CORRECT_COLOR = (150, 150, 150)
 WRONG_COLOR = (235, 30, 30)
 UNLABELLED_COLOR = (60, 95, 130)  # ground truth has no class here: neither right nor wrong
-GAP_PX = 6
+GAP_PX = 6  # between panels
+TITLE_PX = 22  # the title bar above each panel
 PICTURE_KINDS = ("camera", "bev", "errors")
 
 
@@ -159,10 +160,10 @@ def rasterize(rows: np.ndarray, cols: np.ndarray, rank: np.ndarray, shape: tuple
     return Raster(shape, hit, idx[order[top[hit]]])
 
 
-def _titled(panel: np.ndarray, title: str, size: int = 13) -> np.ndarray:
-    """``panel`` (H, W, 3) under a bar of height ~size + 9 px holding ``title``."""
-    bar = np.full((size + 9, panel.shape[1], 3), BACKGROUND, np.uint8)
-    return np.concatenate([_text(bar, [((4, 3), title)], size), panel])
+def _titled(panel: np.ndarray, title: str) -> np.ndarray:
+    """``panel`` (H, W, 3) under a TITLE_PX high bar holding ``title``."""
+    bar = np.full((TITLE_PX, panel.shape[1], 3), BACKGROUND, np.uint8)
+    return np.concatenate([_text(bar, [((4, 3), title)], TITLE_PX - 9), panel])
 
 
 def _stack(panels: Sequence[np.ndarray], axis: int) -> np.ndarray:

@@ -112,7 +112,9 @@ def demo_markdown(summary: dict[str, Any], pictures: dict[str, list[dict[str, An
                   "The same frames; each method's picture shows the prediction scored for that frame (made "
                   "before the method adapted on it). Camera: predicted class colours above or beside ground "
                   "truth; bird's-eye view: every point, +-40 m, 10 m grid, white lines the camera's field of "
-                  "view; errors: grey correct, red wrong, slate no ground-truth class.", ""]
+                  "view; errors: grey correct, red wrong, slate no ground-truth class. The first frame is "
+                  "labelled before any adaptation, so both methods' pictures of it agree. Click a picture "
+                  "for full size.", ""]
         for seq in common:
             lines += [f"### Frame {seq} ({by_seq[0][seq]['role']})", "",
                       "| " + " | ".join(methods) + " |", "|" + "---|" * len(methods)]

@@ -155,6 +155,19 @@ def test_sampler_chooses_first_middle_last_and_keeps_few_frames(tmp_path, expect
         assert written == sorted(Path(r).name for c in chosen for r in c["files"].values())
 
 
+def test_repeated_seqs_of_two_inputs_get_distinct_files(tmp_path):
+    import dataclasses
+
+    f, gt, pred = _frame_and_prediction(n=200)
+    s = P.PictureSampler(tmp_path, CS, expected=4)
+    for seq in (0, 1, 0, 1):  # two inputs of two frames, as `pl3d eval --data A B` reads them
+        s.offer(dataclasses.replace(f, seq=seq), pred, gt)
+    chosen = s.close()
+    assert [c["seq"] for c in chosen] == [0, 1, 1]
+    names = [c["files"]["camera"] for c in chosen]
+    assert len(set(names)) == 3 and all((tmp_path / n).is_file() for n in names)
+
+
 def test_markdown_subset_renders_tables_code_images_and_escapes():
     html = markdown_to_html("# T <x>\n\n- a `b<c>` **d**\n\n| k | v |\n|---|---|\n| x | 1 |\n\n"
                             "```\n<raw>\n```\n\n![alt](p/q.png)\n\n| a | b |\n|---|---|\n| ![1](a.png) | ![2](b.png) |\n")

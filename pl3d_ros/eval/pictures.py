@@ -408,12 +408,12 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
 
 
 def write_frame_pictures(frame: Frame, pred: Labelled, class_set: ClassSet, gt: np.ndarray | None,
-                         out_dir: str | Path, subdir: str = "pictures") -> dict[str, Any]:
-    """Draw and save one frame's pictures as OUT/pictures/frame_<seq>_{camera,bev,errors}.png
-    (no errors picture without ground truth). Returns {"seq", "files": {kind: path relative to
-    out_dir}, "draw_ms": drawing + saving wall time}."""
+                         out_dir: str | Path, subdir: str = "pictures", stem: str = "") -> dict[str, Any]:
+    """Draw and save one frame's pictures as OUT/pictures/<stem>_{camera,bev,errors}.png, stem
+    frame_<seq> by default (no errors picture without ground truth). Returns {"seq", "files":
+    {kind: path relative to out_dir}, "draw_ms": drawing + saving wall time}."""
     t0 = time.perf_counter()
-    stem = f"frame_{frame.seq:06d}"
+    stem = stem or f"frame_{frame.seq:06d}"
     geom = PictureGeometry.of(frame, pred.in_view)
     images = {"camera": camera_overlay(frame, pred, class_set, gt, geometry=geom),
               "bev": bev(frame, pred, class_set, gt, geometry=geom)}
@@ -438,9 +438,11 @@ def expected_count(lengths: Sequence[int | None], cap: int | None = None) -> int
 
 @dataclass
 class _Held:
+    """A chosen frame until drawn; then only what was written (frame, pred and gt let go)."""
+
     index: int
-    frame: Frame
-    pred: PredictedLabels
+    frame: Frame | None
+    pred: PredictedLabels | None
     gt: np.ndarray | None
     drawn: dict[str, Any] | None = None
 
@@ -466,6 +468,7 @@ class PictureSampler:
     count: int = 0
     _kept: list[_Held] = field(default_factory=list)
     _last: _Held | None = None
+    _stems: set[str] = field(default_factory=set)
 
     def _is_candidate(self, i: int) -> bool:
         if i == 0:
@@ -492,9 +495,14 @@ class PictureSampler:
 
     def _draw(self, held: _Held) -> None:
         if held.drawn is None:
-            held.drawn = write_frame_pictures(held.frame, held.pred, self.class_set, held.gt, self.out_dir)
-            held.frame = None  # type: ignore[assignment]  # drawn: let the arrays go
-            held.pred = held.gt = None  # type: ignore[assignment]
+            assert held.frame is not None and held.pred is not None
+            stem = f"frame_{held.frame.seq:06d}"
+            if stem in self._stems:  # inputs evaluated one after another can repeat a seq (pl3d eval)
+                stem += f"_{held.index}"
+            self._stems.add(stem)
+            held.drawn = write_frame_pictures(held.frame, held.pred, self.class_set, held.gt, self.out_dir,
+                                              stem=stem)
+            held.frame, held.pred, held.gt = None, None, None  # drawn: let the arrays go
 
     def _discard(self, items: list[_Held]) -> None:
         for k in items:

@@ -350,6 +350,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pl3d_ros.app import build
     from pl3d_ros.eval.evaluate import evaluate, write_report
     from pl3d_ros.eval.metrics import format_table
+    from pl3d_ros.eval.pictures import PictureSampler
     from pl3d_ros.io.sources import load_frames
 
     changes = {"runtime.backend": args.backend, "runtime.precision": args.precision, "runtime.threads": args.threads}
@@ -361,15 +362,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     seg, header = app.segmenter, app.header
     seg.infer(frames[0])  # warm-up: first-run allocations are not the latency a user sees
     bar = _progress("eval", len(frames))
-    scores = evaluate(seg.infer, frames, header.class_set, lambda done: bar(done, len(frames)))
+    pictures = PictureSampler(Path(args.out), header.class_set, expected=len(frames))
+    scores = evaluate(seg.infer, frames, header.class_set, lambda done: bar(done, len(frames)), pictures.offer)
     summary = scores.summary(header.class_set.names)
     write_report(summary, header.class_set, args.out,
                  {"checkpoint": str(args.checkpoint), "inputs": [str(p) for p in args.data],
-                  "backend": seg.backend.describe()})
+                  "backend": seg.backend.describe()}, pictures.close())
     print(format_table(summary, header.class_set.names))
     print("latency (ms): " + ", ".join(f"{k} p50 {v['p50']:.1f} / p90 {v['p90']:.1f}"
                                        for k, v in summary["latency_ms"].items()))
-    print(f"wrote {Path(args.out) / 'metrics.json'}")
+    print(f"wrote {Path(args.out) / 'metrics.json'}; report: {Path(args.out) / 'index.html'}")
     return 0
 
 

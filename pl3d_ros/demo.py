@@ -3,7 +3,9 @@
 1. Simulates a short drive in a shifted target domain (cached after the first run).
 2. Replays it with the bundled source model, once without adaptation (``source``) and once with
    the full online adaptation (``full``), lockstep, seeded.
-3. Prints a small table and leaves the replay report folders (labeled MCAP, plots) under --out.
+3. Prints a small table and leaves the replay report folders (labeled MCAP, plots, pictures,
+   index.html) under --out, and OUT/index.html (= OUT/report.md) with both methods' pictures of
+   the same frames side by side and the combined mIoU plot.
 """
 
 from __future__ import annotations
@@ -73,7 +75,9 @@ def run_demo(out: str | Path, *, preset: str = DEMO_PRESET, frames: int = DEMO_F
             bar.set_postfix(miou=f"{info['miou']:.1f}")
 
         cfg = Config().replace(**{"adapt.method": method, "runtime.threads": threads})
-        results[method] = replay(bag, ckpt, out / method, ReplayOptions(seed=seed, config=cfg), progress)
+        # max_frames = the drive's length: the pictures' middle frame is then the true middle
+        results[method] = replay(bag, ckpt, out / method, ReplayOptions(seed=seed, max_frames=frames, config=cfg),
+                                 progress)
         bar.close()
     plot_series({m: r["miou_running"] for m, r in results.items()}, out / "miou_over_frames.png",
                 ylabel="running fused mIoU, in view (%)", title=f"demo: sim '{preset}' preset, {frames} frames")
@@ -84,7 +88,50 @@ def run_demo(out: str | Path, *, preset: str = DEMO_PRESET, frames: int = DEMO_F
                                "weight_swaps": r["weight_swaps"], "latency_ms": r["latency_ms"]}
                            for m, r in results.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_demo_index(out, summary, {m: r["pictures"] for m, r in results.items()})
     return summary
+
+
+def demo_markdown(summary: dict[str, Any], pictures: dict[str, list[dict[str, Any]]]) -> str:
+    """The demo's top page: the table, the combined plot, and each method's pictures of the same
+    frames side by side (paths relative to OUT)."""
+    methods = list(summary["methods"])
+    lines = [f"# pl3d demo: simulated '{summary['preset']}' drive, {summary['frames']} frames", "",
+             f"- model: `{summary['checkpoint']}`; lockstep, 1 adaptation step per frame, seed {summary['seed']}",
+             "- reports of each method: " + ", ".join(f"[{m}]({m}/index.html)" for m in methods),
+             f"- wall time: {summary['wall_s']} s", "",
+             "| method | fused | 2D | 3D | fused, all points | inference p50 (ms) |", "|---|---|---|---|---|---|"]
+    for m, r in summary["methods"].items():
+        lines.append(f"| {m} | {r['miou']['fused']} | {r['miou']['2d']} | {r['miou']['3d']} | "
+                     f"{r['miou_all_points']['fused']} | {r['latency_ms']['total']['p50']} |")
+    lines += ["", "mIoU in %, in-view points unless noted.", "", "![running mIoU](miou_over_frames.png)", ""]
+    by_seq = [{p["seq"]: p for p in pictures.get(m, [])} for m in methods]
+    common = sorted(set.intersection(*(set(d) for d in by_seq))) if by_seq else []
+    if common:
+        lines += [f"## Pictures: {' vs '.join(methods)}", "",
+                  "The same frames; each method's picture shows the prediction scored for that frame (made "
+                  "before the method adapted on it). Camera: predicted class colours above or beside ground "
+                  "truth; bird's-eye view: every point, +-40 m, 10 m grid, white lines the camera's field of "
+                  "view; errors: grey correct, red wrong, slate no ground-truth class. The first frame is "
+                  "labelled before any adaptation, so both methods' pictures of it agree. Click a picture "
+                  "for full size.", ""]
+        for seq in common:
+            lines += [f"### Frame {seq} ({by_seq[0][seq]['role']})", "",
+                      "| " + " | ".join(methods) + " |", "|" + "---|" * len(methods)]
+            for kind in by_seq[0][seq]["files"]:
+                lines.append("| " + " | ".join(f"![{m} {kind}]({m}/{d[seq]['files'][kind]})"
+                                               for m, d in zip(methods, by_seq)) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def write_demo_index(out: Path, summary: dict[str, Any], pictures: dict[str, list[dict[str, Any]]]) -> Path:
+    """OUT/report.md and OUT/index.html (see ``demo_markdown``)."""
+    from pl3d_ros.eval.html_report import write_index
+
+    text = demo_markdown(summary, pictures)
+    (out / "report.md").write_text(text)
+    return write_index(out, text, f"pl3d demo: {summary['preset']}")
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -347,7 +347,7 @@ def run_cell(cell: Cell, *bag_paths: str) -> dict[str, Any]:
     try:
         inputs = list(bag_paths) if cell.kind == "sim" else list(cell.inputs)
         opts = ReplayOptions(corrupt=cell.corrupt, mode=cell.mode, seed=cell.seed, max_frames=cell.max_frames,
-                             write_bag=False, plots=True, label=cell.method,
+                             write_bag=False, plots=True, pictures=False, label=cell.method,
                              config=Config().replace(**cell.settings))
         metrics = replay(inputs, cell.checkpoint, out, opts)
         npy = out / "confusion_per_frame.npy"

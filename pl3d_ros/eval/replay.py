@@ -14,8 +14,11 @@ Writes into the output folder:
                     mode, adapt_steps, weight_swaps, pseudo_labels {"base"|"refined"|"filtered":
                     {density, precision}} (%), frames_processed / frames_scored, and per input
                     what was read and skipped by reason (inputs_read, frames_skipped)
-    report.md       per-class tables and the run's settings
+    report.md       per-class tables and the run's settings, the plots and pictures embedded
+    index.html      report.md as one self-contained page (eval/html_report.py)
     miou_over_frames.png, confusion_fused.png, latency_hist.png
+    pictures/       frame_<seq>_{camera,bev,errors}.png of the first, a middle and the last frame
+                    (eval/pictures.py), drawn from the prediction scored for that frame
     confusion_per_frame.npy   (F, C, C) int64 fused in-view confusion of each scored frame
     labeled.mcap/   a ROS 2 bag: camera, CameraInfo, /tf_static, the segmentation cloud
                     (x y z intensity label confidence) and the visualization cloud (+ rgb)
@@ -36,8 +39,10 @@ import numpy as np
 from pl3d_ros.config import Config
 from pl3d_ros.eval.corruptions import apply as apply_corruptions
 from pl3d_ros.eval.corruptions import parse_spec
-from pl3d_ros.eval.evaluate import score_prediction
-from pl3d_ros.eval.metrics import ConfusionMatrix, SegmentationScores, format_table, percentiles
+from pl3d_ros.eval.evaluate import latency_markdown, score_prediction, scores_markdown
+from pl3d_ros.eval.html_report import figures_markdown, write_index
+from pl3d_ros.eval.metrics import ConfusionMatrix, SegmentationScores, percentiles
+from pl3d_ros.eval.pictures import PictureSampler, expected_count, pictures_markdown
 from pl3d_ros.frame import Frame, Prediction
 from pl3d_ros.io.bag import BagTopics
 from pl3d_ros.io.sources import ReadOptions, describe_skips, frames_skipped, open_source
@@ -46,6 +51,7 @@ log = logging.getLogger(__name__)
 
 SEGMENTATION_TOPIC = "/pl3d/output/pointcloud/segmentation"
 VISUALIZATION_TOPIC = "/pl3d/output/pointcloud/visualization"
+REPLAY_PLOTS = ("miou_over_frames.png", "confusion_fused.png", "latency_hist.png")
 
 
 @dataclass
@@ -61,6 +67,7 @@ class ReplayOptions:
     max_frames: int | None = None
     write_bag: bool = True
     plots: bool = True
+    pictures: bool = True  # camera / bird's-eye / error PNGs of a few frames (eval/pictures.py)
     label: str = ""
     config: Config = field(default_factory=Config)
     topics: BagTopics = field(default_factory=BagTopics)  # slop and extrinsics: config sync / frames
@@ -161,6 +168,9 @@ def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_di
     adapt_ms: list[float] = []
     bag = LabeledBagWriter(out / "labeled.mcap", class_set) if opts.write_bag else None
     input_name = " + ".join(str(p) for p in inputs)
+    # Realtime mode draws at the end: record runs on the inference thread there.
+    sampler = PictureSampler(out, class_set, expected_count([s.length for s in sources], opts.max_frames),
+                             draw_now=opts.mode == "lockstep") if opts.pictures else None
 
     def frames():
         t, last_ns = 0, None
@@ -182,6 +192,7 @@ def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_di
 
     def record(frame: Frame, pred: Prediction) -> None:
         counts["processed"] += 1
+        gt = None
         for stage, ms in pred.timings_ms.items():
             latency.setdefault(stage, []).append(float(ms))
         if frame.labels is not None:
@@ -196,6 +207,8 @@ def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_di
             bag.write(frame, pred)
         if progress:
             progress(counts["processed"], {"miou": running[-1] if running else float("nan")})
+        if sampler:
+            sampler.offer(frame, pred, gt)
 
     t_start = time.perf_counter()
     ok = False
@@ -227,6 +240,7 @@ def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_di
     if counts["scored"] == 0:
         log.warning("the inputs carry no ground-truth labels: frames were labelled and timed, nothing was scored")
     health = adapter.health() if adapter is not None else None
+    pictures = sampler.close() if sampler else []
     summary = scores.summary(class_set.names)
     summary["latency_ms"] = {s: {k: round(v, 2) for k, v in percentiles(vals).items()} for s, vals in latency.items()}
     if adapt_ms:
@@ -250,6 +264,7 @@ def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_di
         **summary,
         "miou_per_frame": [round(v, 2) for v in per_frame],
         "miou_running": [round(v, 2) for v in running],
+        "pictures": pictures,
     }
     if runner_health:
         metrics["runner"] = runner_health
@@ -265,7 +280,10 @@ def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_di
                         title=f"{metrics['label']} ({metrics['corruption']})")
             plot_confusion(np.asarray(summary["confusion"]["fused"]), class_set.names, out / "confusion_fused.png")
         plot_latency(latency | ({"adaptation": adapt_ms} if adapt_ms else {}), out / "latency_hist.png")
-    (out / "report.md").write_text(markdown_report(metrics, class_set.names))
+    report = (markdown_report(metrics, class_set.names) + "\n" + figures_markdown(out, REPLAY_PLOTS)
+              + pictures_markdown(pictures))
+    (out / "report.md").write_text(report)
+    write_index(out, report, f"Replay: {metrics['label']} on {input_name}")
     return metrics
 
 
@@ -313,11 +331,7 @@ def markdown_report(metrics: dict[str, Any], names: list[str] | tuple[str, ...])
              "- inputs: " + "; ".join(f"`{i['input']}` {i['frames']} frames, {frames_skipped(i)} skipped"
                                       + (f" ({i['skip_reasons']})" if frames_skipped(i) or i.get("truncated") else "")
                                       for i in metrics["inputs_read"]),
-             f"- wall time: {metrics['wall_s']} s", "",
-             "## mIoU (%)", "", "| | fused | 2D | 3D |", "|---|---|---|---|",
-             f"| in view | {metrics['miou']['fused']} | {metrics['miou']['2d']} | {metrics['miou']['3d']} |",
-             f"| all points | {metrics['miou_all_points']['fused']} | - | {metrics['miou_all_points']['3d']} |",
-             "", "## IoU per class, in view (%)", "", "```", format_table(metrics, names), "```", ""]
+             f"- wall time: {metrics['wall_s']} s", "", *scores_markdown(metrics, names)]
     if metrics["pseudo_labels"]:
         lines += ["## Pseudo-labels (%)", "", "| stage | density | density in view | precision |",
                   "|---|---|---|---|"]
@@ -325,8 +339,6 @@ def markdown_report(metrics: dict[str, Any], names: list[str] | tuple[str, ...])
             lines.append(f"| {stage} | {v['density']} | {v.get('density_in_view') or '-'} | "
                          f"{v['precision'] if v['precision'] is not None else '-'} |")
         lines.append("")
-    lines += ["## Latency (ms)", "", "| stage | p50 | p90 |", "|---|---|---|"]
-    lines += [f"| {k} | {v['p50']} | {v['p90']} |" for k, v in metrics["latency_ms"].items()]
-    lines += ["", "Plots: `miou_over_frames.png`, `confusion_fused.png`, `latency_hist.png`. "
-              "Labeled bag: `labeled.mcap/` (play it with `ros2 bag play` and open RViz or Foxglove).", ""]
+    lines += latency_markdown(metrics["latency_ms"])
+    lines += ["", "Labeled bag: `labeled.mcap/` (play it with `ros2 bag play` and open RViz or Foxglove).", ""]
     return "\n".join(lines)

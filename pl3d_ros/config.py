@@ -184,6 +184,8 @@ class PseudoLabelConfig(Section):
 
     confidence_cap: float = setting(0.9, "keep class c if confidence >= min(running median of c, cap)",
                                     min=0.0, max=1.0)
+    out_of_view: bool = setting(True, "pseudo-label points the camera does not see (only the 3D branch votes "
+                                "there: under a LiDAR shift those labels are the least precise)")
     median_window_frames: int = setting(50, "frames in the running window of class medians", min=1)
 
 

@@ -350,6 +350,8 @@ class Full(Method):
         st["collapse"] = False
 
         base, state.thresholds = self.labeler(teacher.fused)
+        if not self.cfg.pseudo_labels.out_of_view:
+            base = torch.where(state.in_view, base, torch.full_like(base, -1))
         refined, state.component = base, torch.full_like(base, -1)
         if self.refinement is not None and self.refinement.due(state.index):
             refined, state.component, rstats = self.refinement.refine(state, base)
@@ -365,6 +367,8 @@ class Full(Method):
         negative classes start over at the frame's next step."""
         state.teacher = teacher_pass(self, state)
         base = self.labeler.relabel(state.teacher.fused)
+        if not self.cfg.pseudo_labels.out_of_view:
+            base = torch.where(state.in_view, base, torch.full_like(base, -1))
         refined, component = base, torch.full_like(base, -1)
         if self.refinement is not None and state.masks is not None:
             refined, component, _ = self.refinement.relabel(state, base)

@@ -19,6 +19,7 @@ from pl3d_ros.geometry import (nearest_per_cell, project_in_view, project_points
 from pl3d_ros.inputs import (NetworkInputs, fit_camera, point_outputs, point_predictions, prepare, prepare_on,
                              resize_crop)
 from pl3d_ros.io.kitti import KittiSequence
+from pl3d_ros.models.points import max_argmax
 from pl3d_ros.pipeline import Segmenter
 from pl3d_ros.runtime.torch_backend import TorchBackend
 from fakes import header, small_model, synthetic_frame
@@ -158,7 +159,10 @@ def test_prepare_matches_the_reference(kitti_frames):
         for name in ("range_image", "rows", "cols", "uv", "in_view"):
             a, b = getattr(new, name), getattr(ref, name)
             assert a.dtype == b.dtype and a.shape == b.shape, name
-            assert torch.equal(a, b), name
+            if name == "uv":  # the camera transform is summed row by row, not by matmul
+                torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
+            else:
+                assert torch.equal(a, b), name
         assert new.image.is_contiguous() and float((new.image - ref.image).abs().max()) <= 1.0 / 255 + 1e-6
 
 
@@ -169,15 +173,26 @@ def _random_logits(inputs: NetworkInputs, c: int = 10, seed: int = 0) -> tuple[t
     return torch.randn(1, c, h, w, generator=g) * 3, torch.randn(1, c, rows, cols, generator=g) * 3
 
 
-def _assert_same_predictions(new, ref, margin: float = 1e-5) -> None:
+def _assert_same_predictions(new, ref, in_view: torch.Tensor, margin: float = 1e-5) -> None:
     p2, p3, fused, labels, conf = ref
     torch.testing.assert_close(new.prob_2d, p2, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(new.prob_3d, p3, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(new.confidence, conf, atol=1e-6, rtol=1e-5)
+    assert torch.equal(new.confidence[~in_view], new.prob_3d[~in_view].amax(1))  # out of view: 3D alone
     top2 = fused.topk(2, dim=-1).values
     clear = (top2[:, 0] - top2[:, 1]) > margin  # a near-tie may go either way within rounding
     assert clear.float().mean() > 0.99
     assert torch.equal(new.labels[clear], labels[clear])
+
+
+def test_max_argmax_is_torch_max_with_first_class_on_ties():
+    x = torch.tensor([[0.1, 0.5, 0.3], [0.7, 0.5, 0.3], [0.2, 0.0, 0.3]])
+    top, arg = max_argmax(x)
+    torch.testing.assert_close(top, torch.tensor([0.7, 0.5, 0.3]))
+    assert arg.tolist() == [1, 0, 0]
+    y = torch.randn(10, 5000, generator=torch.Generator().manual_seed(1))
+    ref = y.max(0)
+    assert torch.equal(max_argmax(y)[0], ref.values) and torch.equal(max_argmax(y)[1], ref.indices)
 
 
 @pytest.mark.parametrize("bias", [None, (-0.7, 0.3)])
@@ -186,7 +201,7 @@ def test_point_predictions_match_probs_and_fusion(kitti_frames, bias):
     l2, l3 = _random_logits(inputs)
     new = point_predictions(inputs, l2, l3, bias)
     assert new.prob_2d.shape == (int(inputs.in_view.sum()), 10) and new.prob_3d.shape == (inputs.num_points, 10)
-    _assert_same_predictions(new, _ref_postprocess(inputs, l2, l3, bias))
+    _assert_same_predictions(new, _ref_postprocess(inputs, l2, l3, bias), inputs.in_view)
 
 
 def test_segmenter_prediction_matches_the_reference_pipeline(kitti_frames, one_torch_thread):

@@ -17,6 +17,8 @@ until the per-point results (labels, confidence, branch probabilities).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -29,6 +31,24 @@ from pl3d_ros.runtime.base import Backend
 
 #: The key of a deployment's fusion log-weights (2,) beside the network's state dict.
 FUSION_KEY = "pl3d.fusion_bias"
+
+
+@contextmanager
+def one_torch_thread(device: torch.device) -> Iterator[None]:
+    """CPU pre/postprocessing on one intra-op thread of the calling thread (the count is an
+    OpenMP per-thread setting; restored after). Its ops are 0.1-1 ms each: a second thread gains
+    little on an idle machine, and on a busy one (the adaptation thread, other processes) the
+    OpenMP team waits for its descheduled member at every op: the postprocess took 360 ms with
+    two threads against 13 ms with one on the loaded development machine."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Segmenter:
@@ -87,17 +107,19 @@ class Segmenter:
         Its probs_2d / probs_3d are transposed views of class-major buffers (shape (M, C) /
         (N, C) as the contract says, Fortran order)."""
         t0 = time.perf_counter()
-        inputs = self.preprocess(frame)
+        with one_torch_thread(self.device):
+            inputs = self.preprocess(frame)
         self._sync()
         t1 = time.perf_counter()
         outputs = self.run(inputs)
         self._sync()
         t2 = time.perf_counter()
-        pred = self.predict(inputs, outputs)
-        labels = pred.labels.to(torch.uint8).cpu().numpy()
-        confidence = pred.confidence.cpu().numpy()
-        prob_2d, prob_3d = pred.prob_2d.cpu().numpy(), pred.prob_3d.cpu().numpy()
-        in_view = inputs.in_view.cpu().numpy()
+        with one_torch_thread(self.device):
+            pred = self.predict(inputs, outputs)
+            labels = pred.labels.to(torch.uint8).cpu().numpy()
+            confidence = pred.confidence.cpu().numpy()
+            prob_2d, prob_3d = pred.prob_2d.cpu().numpy(), pred.prob_3d.cpu().numpy()
+            in_view = inputs.in_view.cpu().numpy()
         t3 = time.perf_counter()
         timings = {"preprocess": (t1 - t0) * 1e3, "inference": (t2 - t1) * 1e3,
                    "postprocess": (t3 - t2) * 1e3, "total": (t3 - t0) * 1e3}

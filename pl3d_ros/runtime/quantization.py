@@ -41,7 +41,8 @@ Feeds = list[dict[str, np.ndarray]]
 def calibration_feeds(spec: str, frames: int, image_size: tuple[int, int], sensor: Any, seed: int = 0) -> Feeds:
     """Backend feeds ({"image", "range_image"} float32) of ``frames`` frames of ``spec``:
     ``sim:PRESET`` (a simulated drive in that domain, seeded) or comma-separated bags / KITTI
-    sequence folders (the first frames, spread over the inputs in order)."""
+    sequence folders (the first frames of the inputs in order). Simulated feeds are cached per
+    process and shared: read-only arrays."""
     if frames < 1:
         raise ValueError(f"need at least one calibration frame, got {frames}")
     if spec.startswith("sim:"):
@@ -77,8 +78,10 @@ def _sim_feeds(preset: str, frames: int, image_size: tuple[int, int], sensor_key
     sensor = RangeImageConfig(rows=rows, cols=cols, fov_up_deg=up, fov_down_deg=down)
     out = []
     for frame in simulate_frames(preset, frames, seed):
-        feed = prepare(frame, image_size, sensor).arrays()
-        out.append({k: np.array(v) for k, v in feed.items()})  # own copies, read-only use
+        feed = {k: np.array(v) for k, v in prepare(frame, image_size, sensor).arrays().items()}
+        for arr in feed.values():
+            arr.flags.writeable = False  # shared between callers
+        out.append(feed)
     return tuple(out)
 
 

@@ -16,7 +16,9 @@ covers [-0.5, width - 0.5) x [-0.5, height - 0.5).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +34,7 @@ __all__ = [
     "nearest_per_cell",
     "project_in_view",
     "range_projection",
+    "spherical_cell",
     "undistort_pixels",
     "valid_radius",
 ]
@@ -529,6 +532,14 @@ class RangeProjection:
         return picked if grid.ndim == 2 else picked.T
 
 
+def spherical_cell(yaw: Any, pitch: Any, cfg: RangeImageConfig, floor: Callable[[Any], Any]) -> tuple[Any, Any]:
+    """Unclipped (col, row) of directions yaw, pitch (radians), as float arrays: numpy arrays
+    with ``np.floor`` or torch tensors with ``torch.floor`` (the device path), one formula."""
+    col = floor(0.5 * (1.0 - yaw / np.pi) * int(cfg.cols))
+    row = floor((1.0 - (pitch - cfg.fov_down) / (cfg.fov_up - cfg.fov_down)) * int(cfg.rows))
+    return col, row
+
+
 def range_projection(points: np.ndarray, cfg: RangeImageConfig) -> RangeProjection:
     """Spherical projection of a spinning-LiDAR scan (RangeNet++ conventions).
 
@@ -563,13 +574,10 @@ def range_projection(points: np.ndarray, cfg: RangeImageConfig) -> RangeProjecti
         safe_rng = np.where(valid, rng, 1.0)
     yaw = np.arctan2(safe[:, 1], safe[:, 0])
     pitch = np.arcsin(np.clip(safe[:, 2] / safe_rng, -1.0, 1.0))
-    fov_up, fov_down = cfg.fov_up, cfg.fov_down
-
-    col = np.floor(0.5 * (1.0 - yaw / np.pi) * n_cols)
-    row = np.floor((1.0 - (pitch - fov_down) / (fov_up - fov_down)) * n_rows)
+    col, row = spherical_cell(yaw, pitch, cfg, np.floor)
     cols = np.clip(col, 0, n_cols - 1).astype(np.int32)
     rows = np.clip(row, 0, n_rows - 1).astype(np.int32)
-    in_fov = valid & (pitch >= fov_down) & (pitch <= fov_up)
+    in_fov = valid & (pitch >= cfg.fov_down) & (pitch <= cfg.fov_up)
     range32 = rng.astype(np.float32)
     return RangeProjection(
         rows=rows,

@@ -188,9 +188,7 @@ def _range_image_t(points: torch.Tensor, xyz: torch.Tensor, sensor: RangeImageCo
     safe_rng = torch.where(valid, rng, 1.0)
     yaw = torch.atan2(safe[:, 1], safe[:, 0])
     pitch = torch.asin(torch.clamp(safe[:, 2] / safe_rng, -1.0, 1.0))
-    fov_up, fov_down = sensor.fov_up, sensor.fov_down
-    col = torch.floor(0.5 * (1.0 - yaw / np.pi) * n_cols)
-    row = torch.floor((1.0 - (pitch - fov_down) / (fov_up - fov_down)) * n_rows)
+    col, row = geometry.spherical_cell(yaw, pitch, sensor, torch.floor)
     cols = torch.clamp(col, 0, n_cols - 1).long()
     rows = torch.clamp(row, 0, n_rows - 1).long()
     range32 = rng.float()

@@ -109,6 +109,27 @@ def test_nearest_per_cell_picks_the_argsort_winners(kitti_frames):
     assert proj.cell_to_point[proj.rows[200], proj.cols[200]] in (100, -1) or proj.range[100] > 0
 
 
+def test_range_cells_as_before(kitti_frames):
+    """rows / cols / range of range_projection against the pre-issue-14 arithmetic, verbatim."""
+    cfg = header().sensor
+    for frame in (kitti_frames[0], _with_bad_points(kitti_frames[1])):
+        xyz = frame.points[:, :3].astype(np.float64)
+        rng = np.sqrt(np.einsum("ij,ij->i", xyz, xyz))
+        valid = np.isfinite(rng) & (rng > 0)
+        safe = np.where(valid[:, None], xyz, [1.0, 0.0, 0.0])
+        safe_rng = np.where(valid, rng, 1.0)
+        yaw = np.arctan2(safe[:, 1], safe[:, 0])
+        pitch = np.arcsin(np.clip(safe[:, 2] / safe_rng, -1.0, 1.0))
+        col = np.floor(0.5 * (1.0 - yaw / np.pi) * cfg.cols)
+        row = np.floor((1.0 - (pitch - cfg.fov_down) / (cfg.fov_up - cfg.fov_down)) * cfg.rows)
+        proj = range_projection(frame.points, cfg)
+        np.testing.assert_array_equal(proj.cols, np.clip(col, 0, cfg.cols - 1).astype(np.int32))
+        np.testing.assert_array_equal(proj.rows, np.clip(row, 0, cfg.rows - 1).astype(np.int32))
+        np.testing.assert_array_equal(proj.range, rng.astype(np.float32))
+        np.testing.assert_array_equal(proj.valid, valid)
+        np.testing.assert_array_equal(proj.in_fov, valid & (pitch >= cfg.fov_down) & (pitch <= cfg.fov_up))
+
+
 def test_nearest_per_cell_ties_and_empty():
     rows = np.array([0, 0, 0, 1], np.int32)
     cols = np.array([1, 1, 1, 0], np.int32)

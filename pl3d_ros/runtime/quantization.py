@@ -129,9 +129,14 @@ class Int8Quantizer:
         import onnx
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
         with self._lock, tempfile.TemporaryDirectory(dir=self._dir.name) as tmp:
-            src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-            src.write_bytes(onnx_bytes)
+            raw, src, dst = Path(tmp) / "raw.onnx", Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+            raw.write_bytes(onnx_bytes)
+            # ONNX Runtime's recommended pre-pass (shape inference, graph clean-up; 0.1 s): the
+            # quantizer warns on every call without it. Static shapes: no symbolic inference.
+            quant_pre_process(str(raw), str(src), skip_symbolic_shape=True)
             reader = None
             if not (self._can_keep and self.calibrated):
                 if self._feeds is None:

@@ -18,6 +18,7 @@ the inference postprocess in torch on whatever device the outputs are on.
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,28 +116,43 @@ class NetworkInputs:
 
 
 def prepare(frame: Frame, image_size: tuple[int, int], sensor: RangeImageConfig,
-            device: torch.device | str | None = None) -> NetworkInputs:
+            device: torch.device | str | None = None, executor: Executor | None = None) -> NetworkInputs:
     """Frame -> NetworkInputs for a network with a (width, height) image input and ``sensor``'s
     range image (both from the checkpoint header). ``device``: where the inputs are built and
-    live (None or a CPU: numpy; else ``prepare_on``)."""
+    live (None or a CPU: numpy; else ``prepare_on``). ``executor``: the camera half (resize,
+    projection) runs there while the calling thread builds the range image; numpy and torch
+    release the GIL in their loops, so on two idle cores the halves overlap. Results are the
+    same either way."""
     if device is not None and torch.device(device).type != "cpu":
         return prepare_on(frame, image_size, sensor, device)
+    xyz = frame.points[:, :3].astype(np.float64)  # once for both projections
+    if executor is None:
+        image, camera, in_view, uv = _prepare_camera(frame, image_size, xyz)
+    else:
+        camera_half = executor.submit(_prepare_camera, frame, image_size, xyz)
+    proj3d = range_projection(xyz, sensor)
+    range_image = torch.from_numpy(range_image_channels(frame.points, proj3d)[None])
+    rows, cols = torch.from_numpy(proj3d.rows.astype(np.int64)), torch.from_numpy(proj3d.cols.astype(np.int64))
+    if executor is not None:
+        image, camera, in_view, uv = camera_half.result()
+    return NetworkInputs(image=image, range_image=range_image, rows=rows, cols=cols, uv=torch.from_numpy(uv),
+                         in_view=torch.from_numpy(in_view), camera=camera)
+
+
+def _prepare_camera(frame: Frame, image_size: tuple[int, int], xyz: np.ndarray
+                    ) -> tuple[torch.Tensor, CameraModel, np.ndarray, np.ndarray]:
+    """The camera half of ``prepare``: (image (1, 3, H, W), network-input camera, in_view (N,),
+    uv (M, 2)). On one torch thread wherever it runs (see pipeline.one_torch_thread)."""
     width, height = image_size
     camera, size, offset = fit_camera(frame.camera, width, height)
-    image = resize_crop(frame.image, size, offset, (width, height)).contiguous()
-    xyz = frame.points[:, :3].astype(np.float64)  # once for both projections
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        image = resize_crop(frame.image, size, offset, (width, height)).contiguous()
+    finally:
+        torch.set_num_threads(before)
     in_view, uv = project_in_view(xyz, camera)
-    proj3d = range_projection(xyz, sensor)
-    range_image = range_image_channels(frame.points, proj3d)[None]
-    return NetworkInputs(
-        image=image,
-        range_image=torch.from_numpy(range_image),
-        rows=torch.from_numpy(proj3d.rows.astype(np.int64)),
-        cols=torch.from_numpy(proj3d.cols.astype(np.int64)),
-        uv=torch.from_numpy(uv),
-        in_view=torch.from_numpy(in_view),
-        camera=camera,
-    )
+    return image, camera, in_view, uv
 
 
 # -- the device path: the same inputs computed by torch where the network runs -------------------
@@ -301,11 +317,13 @@ class PointPredictions:
 
 
 def point_predictions(inputs: NetworkInputs, logits_2d: torch.Tensor, logits_3d: torch.Tensor,
-                      bias: torch.Tensor | tuple[float, float] | None = None) -> PointPredictions:
+                      bias: torch.Tensor | tuple[float, float] | None = None,
+                      executor: Executor | None = None) -> PointPredictions:
     """Dense logits (1, C, H, W) and (1, C, rows, cols) of one frame -> PointPredictions: the same
     values as ``point_outputs(...).probs(in_view, bias)`` and the fused max (within float
-    rounding: the class sums run in another order), without its (N, C) fused tensor."""
+    rounding: the class sums run in another order), without its (N, C) fused tensor.
+    ``executor``: where the 2D branch's half runs (``models.points.predict_points``)."""
     cells = inputs.rows * logits_3d.shape[-1] + inputs.cols
     p2, p3, labels, conf = predict_points(logits_2d, logits_3d, inputs.uv, cells, inputs.in_view,
-                                          tuple(inputs.image.shape[-2:]), bias)
+                                          tuple(inputs.image.shape[-2:]), bias, executor)
     return PointPredictions(p2.T, p3.T, labels, conf)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
@@ -63,6 +64,11 @@ class Segmenter:
         self.header = header
         self.num_classes = header.class_set.num_classes
         self.device = torch.device(getattr(backend, "device", "cpu"))
+        # One helper thread for the camera half of the CPU preprocess (inputs.prepare) and the 2D
+        # half of the postprocess: two cores work on a frame's numpy / torch loops, which release
+        # the GIL. The thread starts with the first infer, on the inference thread, so it shares
+        # its priority.
+        self._helper = ThreadPoolExecutor(1, thread_name_prefix="pl3d-prepare")
         saved = header.training.get("adaptation", {}).get("fusion_bias")
         self.fusion_bias: tuple[float, float] | None = tuple(float(v) for v in saved) if saved else None
 
@@ -78,7 +84,7 @@ class Segmenter:
 
     def preprocess(self, frame: Frame) -> NetworkInputs:
         m = self.header.model
-        return prepare(frame, (m.image_width, m.image_height), self.header.sensor, self.device)
+        return prepare(frame, (m.image_width, m.image_height), self.header.sensor, self.device, self._helper)
 
     def run(self, inputs: NetworkInputs) -> dict[str, torch.Tensor]:
         """The backend's dense outputs for ``inputs``, as tensors on ``device`` (a CPU backend's
@@ -95,7 +101,8 @@ class Segmenter:
 
     def predict(self, inputs: NetworkInputs, outputs: dict[str, torch.Tensor]) -> PointPredictions:
         """Backend outputs -> per-point probabilities, fused labels and confidence."""
-        return point_predictions(inputs, outputs["logits_2d"], outputs["logits_3d"], self.fusion_bias)
+        helper = self._helper if self.device.type == "cpu" else None  # a GPU queues the work anyway
+        return point_predictions(inputs, outputs["logits_2d"], outputs["logits_3d"], self.fusion_bias, helper)
 
     def _sync(self) -> None:
         # GPU work is asynchronous: a stage's time is only known once its kernels are done.

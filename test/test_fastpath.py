@@ -321,3 +321,18 @@ def test_device_path_on_the_gpu_matches_the_cpu_path(kitti_frames):
         np.testing.assert_array_equal(a.in_view, b.in_view)
         np.testing.assert_allclose(a.probs_3d, b.probs_3d, atol=1e-3)
         assert (a.labels == b.labels).mean() > 0.999
+
+
+def test_helper_thread_gives_the_same_inputs_and_predictions(kitti_frames):
+    from concurrent.futures import ThreadPoolExecutor
+
+    h = header()
+    with ThreadPoolExecutor(1) as pool:
+        for frame in kitti_frames:
+            a, b = prepare(frame, SIZE, h.sensor), prepare(frame, SIZE, h.sensor, executor=pool)
+            for name in ("image", "range_image", "rows", "cols", "uv", "in_view"):
+                assert torch.equal(getattr(a, name), getattr(b, name)), name
+            l2, l3 = _random_logits(a)
+            p, q = point_predictions(a, l2, l3, (0.1, 0.2)), point_predictions(a, l2, l3, (0.1, 0.2), pool)
+            for name in ("prob_2d", "prob_3d", "labels", "confidence"):
+                assert torch.equal(getattr(p, name), getattr(q, name)), name

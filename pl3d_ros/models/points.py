@@ -6,6 +6,8 @@ These run in torch for every backend (a runtime's numpy outputs are wrapped with
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
+
 import torch
 import torch.nn.functional as F
 
@@ -69,6 +71,18 @@ def fuse(prob_2d: torch.Tensor, prob_3d: torch.Tensor, in_view: torch.Tensor,
     return fused
 
 
+def _probs_2d(logits_2d: torch.Tensor, uv: torch.Tensor, size: tuple[int, int], threads: int = 1) -> torch.Tensor:
+    """(C, M) softmax of the 2D logits sampled at uv, on ``threads`` torch threads (0: as set)."""
+    if not threads:
+        return _sample_pixels_cm(logits_2d, uv, size).softmax(0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _sample_pixels_cm(logits_2d, uv, size).softmax(0)
+    finally:
+        torch.set_num_threads(before)
+
+
 def max_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(C, K) -> (max (K,), argmax (K,) int64) over the class axis, the first maximal class on
     ties (as ``torch.max``). torch's max / argmax over a leading axis of a CPU tensor do not
@@ -83,7 +97,7 @@ def max_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def predict_points(logits_2d: torch.Tensor, logits_3d: torch.Tensor, uv: torch.Tensor, cells: torch.Tensor,
                    in_view: torch.Tensor, size: tuple[int, int],
-                   bias: torch.Tensor | tuple[float, float] | None = None
+                   bias: torch.Tensor | tuple[float, float] | None = None, executor: Executor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inference's per-point postprocess in one pass over class-major (C, K) buffers.
 
@@ -95,12 +109,15 @@ def predict_points(logits_2d: torch.Tensor, logits_3d: torch.Tensor, uv: torch.T
     branch's softmax and the argmax / max of the entropy-weighted fusion (``fuse``), which is
     formed for the M in-view points only (out of view it is the 3D branch itself). The class
     axis first keeps every step a sweep over contiguous rows: the softmax of a 124k-point scan
-    over the (N, C) layout, 10 strided values at a time, takes 15x longer.
+    over the (N, C) layout, 10 strided values at a time, takes 15x longer. ``executor``: the 2D
+    branch's sample and softmax run there (one torch thread) while the caller does the 3D one's.
     """
+    if executor is not None:
+        branch_2d = executor.submit(_probs_2d, logits_2d, uv, size)
     c = logits_3d.shape[1]
     p3 = logits_3d.reshape(c, -1).index_select(1, cells).softmax(0)
     confidence, labels = max_argmax(p3)
-    p2 = _sample_pixels_cm(logits_2d, uv, size).softmax(0)
+    p2 = branch_2d.result() if executor is not None else _probs_2d(logits_2d, uv, size, threads=0)
     view = torch.nonzero(in_view).squeeze(1)
     conf_v, labels_v = max_argmax(_fusion(p2, p3.index_select(1, view), bias, dim=0))
     confidence[view] = conf_v

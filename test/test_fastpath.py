@@ -323,7 +323,7 @@ def test_device_path_on_the_gpu_matches_the_cpu_path(kitti_frames):
         assert (a.labels == b.labels).mean() > 0.999
 
 
-def test_helper_thread_gives_the_same_inputs_and_predictions(kitti_frames):
+def test_helper_thread_gives_the_same_inputs_and_predictions(kitti_frames, one_torch_thread):
     from concurrent.futures import ThreadPoolExecutor
 
     h = header()

@@ -32,6 +32,7 @@ from pl3d_ros.io.kitti import KittiSequence
 from pl3d_ros.labels import load_class_set
 from pl3d_ros.models.checkpoint import CheckpointHeader, load_checkpoint
 from pl3d_ros.models.two_stream import build_model
+from pl3d_ros.pipeline import one_torch_thread
 from pl3d_ros.runtime.base import BackendError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,9 +60,10 @@ def profile(seg, frames: list, top: int = 12) -> None:
     for stage, fn in (("preprocess", lambda: [seg.preprocess(f) for f in frames]),
                       ("postprocess", lambda: [seg.predict(x, o) for x, o in zip(inputs, outputs)])):
         prof = cProfile.Profile()
-        prof.enable()
-        fn()
-        prof.disable()
+        with one_torch_thread(seg.device):  # as Segmenter.infer runs them
+            prof.enable()
+            fn()
+            prof.disable()
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
         print(f"\n-- cProfile, {stage}, {len(frames)} frames (own time, s)")

@@ -16,6 +16,7 @@ covers [-0.5, width - 0.5) x [-0.5, height - 0.5).
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -575,8 +576,8 @@ def range_projection(points: np.ndarray, cfg: RangeImageConfig) -> RangeProjecti
     yaw = np.arctan2(safe[:, 1], safe[:, 0])
     pitch = np.arcsin(np.clip(safe[:, 2] / safe_rng, -1.0, 1.0))
     col, row = spherical_cell(yaw, pitch, cfg, np.floor)
-    cols = np.clip(col, 0, n_cols - 1).astype(np.int32)
-    rows = np.clip(row, 0, n_rows - 1).astype(np.int32)
+    cols = np.clip(col, 0, n_cols - 1, out=col).astype(np.int32)
+    rows = np.clip(row, 0, n_rows - 1, out=row).astype(np.int32)
     in_fov = valid & (pitch >= cfg.fov_down) & (pitch <= cfg.fov_up)
     range32 = rng.astype(np.float32)
     return RangeProjection(
@@ -605,19 +606,31 @@ def nearest_per_cell(rows: np.ndarray, cols: np.ndarray, range32: np.ndarray, va
     ``np.minimum.at`` keeps each cell's smallest key, i.e. its nearest point and, among equal
     ranges, the lowest index (a minimum has one answer whatever order the points come in, unlike
     fancy assignment with repeated indices). 7x faster than the stable argsort of (cell, range)
-    keys it replaces (0.5 vs 3.6 ms for a 124k-point KITTI scan), with the same winners.
+    keys it replaces (0.5 vs 3.6 ms for a 124k-point KITTI scan), with the same winners. The keys
+    are written and read as pairs of 32-bit words (no 64-bit temporaries); an empty cell's key is
+    all ones, whose low word reads as -1.
     """
     n_rows, n_cols = shape
-    if rows.shape[0] >= 2 ** 32:
-        raise ValueError(f"at most 2**32 - 1 points, got {rows.shape[0]}")
-    idx = np.flatnonzero(valid)
-    cell = rows[idx].astype(np.intp) * n_cols + cols[idx]
-    key = (range32[idx].view(np.uint32).astype(np.uint64) << np.uint64(32)) | idx.astype(np.uint64)
+    n = rows.shape[0]
+    if n >= 2 ** 32 - 1:
+        raise ValueError(f"at most 2**32 - 2 points, got {n}")
+    if n_rows * n_cols >= 2 ** 31:
+        raise ValueError(f"at most 2**31 - 1 cells, got {n_rows} x {n_cols}")
+    hi, lo = (1, 0) if sys.byteorder == "little" else (0, 1)  # the words of a uint64 in memory
+    if valid.all():  # the usual scan: no index arrays
+        cell = rows.astype(np.int32, copy=False) * np.int32(n_cols) + cols
+        bits, index = range32.view(np.uint32), np.arange(n, dtype=np.uint32)
+    else:
+        idx = np.flatnonzero(valid)
+        cell = rows[idx].astype(np.int32, copy=False) * np.int32(n_cols) + cols[idx]
+        bits, index = range32[idx].view(np.uint32), idx
+    key = np.empty(cell.shape[0], dtype=np.uint64)
+    words = key.view(np.uint32).reshape(-1, 2)
+    words[:, hi] = bits
+    words[:, lo] = index
     best = np.full(n_rows * n_cols, _EMPTY_KEY, dtype=np.uint64)
     np.minimum.at(best, cell, key)
-    winner = (best & np.uint64(0xFFFFFFFF)).astype(np.int32)
-    winner[best == _EMPTY_KEY] = -1
-    return winner.reshape(n_rows, n_cols)
+    return np.ascontiguousarray(best.view(np.int32).reshape(-1, 2)[:, lo]).reshape(n_rows, n_cols)
 
 
 def range_image_channels(

@@ -109,7 +109,7 @@ def predict_points(logits_2d: torch.Tensor, logits_3d: torch.Tensor, uv: torch.T
     branch's softmax and the argmax / max of the entropy-weighted fusion (``fuse``), which is
     formed for the M in-view points only (out of view it is the 3D branch itself). The class
     axis first keeps every step a sweep over contiguous rows: the softmax of a 124k-point scan
-    over the (N, C) layout, 10 strided values at a time, takes 15x longer. ``executor``: the 2D
+    over the (N, C) layout, 10 strided values at a time, took 15-25x longer. ``executor``: the 2D
     branch's sample and softmax run there (one torch thread) while the caller does the 3D one's.
     """
     if executor is not None:

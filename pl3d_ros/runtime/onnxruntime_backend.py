@@ -5,8 +5,13 @@ Session settings, measured on the cpu preset (bundled model, 2-core AVX512 EPYC;
 report has the numbers): graph optimisation ORT_ENABLE_ALL (its NCHWc layout transform makes the
 convolutions 1.8x faster than ENABLE_EXTENDED / BASIC), sequential execution with all threads
 intra-op (running the two branches in parallel with one thread each was 1.6-1.8x slower), memory
-pattern on (no difference measured; it is ONNX Runtime's default), no spinning (spinning workers
-were not faster and would burn the cores the adaptation thread needs between frames).
+pattern on (off: 1.03-1.07x slower; it is ONNX Runtime's default), no spinning (spinning workers
+were 1.2-1.5x slower on the loaded machine and would burn the cores the adaptation thread needs
+between frames). Intra-op threads: ``runtime.threads`` (0 = all cores); on the loaded machine one
+thread was as fast as two, which says more about the load than about an idle robot computer.
+With onnxruntime-openvino installed in place of onnxruntime, int8 runs on OpenVINO's execution
+provider (1.3-1.4x faster than the CPU provider's int8 in two loaded runs; its fp32 was no
+faster than the CPU provider's, so fp32 keeps the default list).
 """
 
 from __future__ import annotations

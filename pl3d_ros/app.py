@@ -56,12 +56,13 @@ def build_segmenter(cfg: Config, model: torch.nn.Module, header: CheckpointHeade
                     threads: int | None = None) -> Segmenter:
     """A Segmenter running ``model`` on the backend ``runtime.*`` names (precision, device,
     engine cache). threads: CPU threads of the backend (None: ``runtime.threads``)."""
-    from pl3d_ros.runtime.factory import create_backend
+    from pl3d_ros.runtime.factory import create_backend, default_calibration
 
     rt = cfg.runtime
     backend = create_backend(rt.backend, model, header, threads=rt.threads if threads is None else threads,
                              precision=rt.precision, cache_dir=rt.engine_cache_dir or None,
-                             device=rt.device or None, force_rebuild=rt.force_rebuild)
+                             device=rt.device or None, force_rebuild=rt.force_rebuild,
+                             calibration=default_calibration(header, rt.int8_calibration, rt.int8_calibration_frames))
     return Segmenter(backend, header)
 
 

@@ -324,8 +324,13 @@ class RuntimeConfig(Section):
     key = "runtime"
 
     backend: str = setting("onnxruntime", "inference backend", choices=lambda: registry.BACKENDS.names)
-    precision: str = setting("fp16", "TensorRT engine precision (the other backends run fp32)",
+    precision: str = setting("auto", "auto = tensorrt fp16, onnxruntime int8, torch fp32; fp16 / fp32: TensorRT's "
+                             "engine (the CPU backends run fp32); int8: onnxruntime's calibrated QDQ graph",
                              choices=registry.PRECISIONS)
+    int8_calibration: str = setting("sim:source", "int8 calibration frames, of the model's training data: "
+                                    "sim:PRESET (simulated drive) or bags / KITTI sequences, comma-separated")
+    int8_calibration_frames: int = setting(4, "frames of int8_calibration measured for the activation ranges "
+                                           "(once at start-up; weight swaps keep them)", min=1, max=1000)
     model: str = setting("", "checkpoint (.safetensors); \"\" = the bundled model (launch argument model:=)")
     device: str = setting("", "torch backend device: cpu | cuda | cuda:N; \"\" = cuda when available")
     engine_cache_dir: str = setting("", "TensorRT engine cache; \"\" = the user's cache directory")

@@ -16,7 +16,10 @@ covers [-0.5, width - 0.5) x [-0.5, height - 0.5).
 from __future__ import annotations
 
 import functools
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +32,10 @@ __all__ = [
     "distort_normalized",
     "project_points",
     "range_image_channels",
+    "nearest_per_cell",
+    "project_in_view",
     "range_projection",
+    "spherical_cell",
     "undistort_pixels",
     "valid_radius",
 ]
@@ -349,8 +355,60 @@ def _as_points(points: np.ndarray, name: str = "points") -> np.ndarray:
     pts = np.asarray(points)
     if pts.ndim != 2 or pts.shape[1] not in (3, 4):
         raise ValueError(f"{name} must have shape (N, 3) or (N, 4), got {pts.shape}")
-    # float64 so that projections of float32 clouds agree with a float64 P @ Tr to ~1e-9 px.
-    return pts[:, :3].astype(np.float64)
+    # float64 so that projections of float32 clouds agree with a float64 P @ Tr to ~1e-9 px. An
+    # (N, 3) float64 input is used as it is (no copy): callers that project one cloud twice
+    # (inputs.prepare) convert once. Nothing here writes into it.
+    return np.asarray(pts[:, :3], dtype=np.float64)
+
+
+def _camera_coordinates(xyz: np.ndarray, camera: CameraModel, axes: tuple[int, ...] = (0, 1, 2)) -> np.ndarray:
+    """(N, 3) float64 LiDAR points -> (N, len(axes)) float64 coordinates ``axes`` of them in the
+    camera's optical frame (metres).
+
+    Row by row as x R_i0 + y R_i1 + z R_i2 + t_i rather than ``xyz @ R.T``: numpy's matmul with an
+    inner size of 3 takes 2 ms for a KITTI scan, this 0.8, and each coordinate comes out bit for
+    bit the same whichever others are asked for (``project_in_view`` takes the depth of every
+    point first and x, y of the front ones only).
+    """
+    T = camera.T_cam_lidar
+    out = np.empty((xyz.shape[0], len(axes)))
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite points are masked later
+        for k, i in enumerate(axes):
+            out[:, k] = xyz[:, 0] * T[i, 0] + xyz[:, 1] * T[i, 1] + xyz[:, 2] * T[i, 2] + T[i, 3]
+    return out
+
+
+def _project_camera(p: np.ndarray, camera: CameraModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Camera-frame points (K, 3) -> (uv (K, 2) float64, usable (K,), in_lens (K,)) before the
+    depth and image-bounds tests. Elementwise only, so a subset of points gets bit-identical
+    results to the whole cloud (``project_in_view`` relies on that)."""
+    depth = p[:, 2]
+    # Non-finite points and depth 0 are masked by the caller, not warned about per frame.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x = p[:, 0] / depth
+        y = p[:, 1] / depth
+    usable = np.isfinite(x) & np.isfinite(y)
+    if not usable.all():
+        x = np.where(usable, x, np.nan)
+        y = np.where(usable, y, np.nan)
+    in_lens = np.ones(p.shape[0], dtype=bool)
+    if camera.distortion_model != "none":
+        c = _coefficients(camera)
+        r2 = x * x + y * y
+        with np.errstate(invalid="ignore"):
+            # The cached radius bounds the whole monotonic region; the per-point slope check also
+            # catches a fold the radius search sampled past.
+            slope, den = _radial_slope(r2, c)
+            in_lens = (r2 <= valid_radius(camera) ** 2) & (slope > 0) & (den > 0)
+        x, y = _distort(x, y, c)
+    return _to_pixels(x, y, camera.K), usable, in_lens
+
+
+def _in_image(uv: np.ndarray, camera: CameraModel) -> np.ndarray:
+    """(K,) bool: uv inside [-0.5, width - 0.5) x [-0.5, height - 0.5) (False for NaN)."""
+    with np.errstate(invalid="ignore"):
+        return ((uv[:, 0] >= -0.5) & (uv[:, 0] < camera.width - 0.5)
+                & (uv[:, 1] >= -0.5) & (uv[:, 1] < camera.height - 0.5))
 
 
 def project_points(
@@ -367,41 +425,28 @@ def project_points(
     Returns:
         A ``Projection`` with uv (N, 2), depth (N,) and in_view (N,).
     """
-    xyz = _as_points(points_xyz, "points_xyz")
-    T = camera.T_cam_lidar
-    # Non-finite points and depth 0 are masked below, not warned about per frame.
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = xyz @ T[:3, :3].T + T[:3, 3]
-        depth = p[:, 2]
-        x = p[:, 0] / depth
-        y = p[:, 1] / depth
-    usable = np.isfinite(x) & np.isfinite(y)
-    x = np.where(usable, x, np.nan)
-    y = np.where(usable, y, np.nan)
-
-    in_lens = np.ones(xyz.shape[0], dtype=bool)
-    if camera.distortion_model != "none":
-        c = _coefficients(camera)
-        r2 = x * x + y * y
-        with np.errstate(invalid="ignore"):
-            # The cached radius bounds the whole monotonic region; the per-point slope check also
-            # catches a fold the radius search sampled past.
-            slope, den = _radial_slope(r2, c)
-            in_lens = (r2 <= valid_radius(camera) ** 2) & (slope > 0) & (den > 0)
-        x, y = _distort(x, y, c)
-    uv = _to_pixels(x, y, camera.K)
-
+    p = _camera_coordinates(_as_points(points_xyz, "points_xyz"), camera)
+    depth = p[:, 2]
+    uv, usable, in_lens = _project_camera(p, camera)
     with np.errstate(invalid="ignore"):
-        in_view = (
-            usable
-            & in_lens
-            & (depth > min_depth)
-            & (uv[:, 0] >= -0.5)
-            & (uv[:, 0] < camera.width - 0.5)
-            & (uv[:, 1] >= -0.5)
-            & (uv[:, 1] < camera.height - 0.5)
-        )
+        in_view = usable & in_lens & (depth > min_depth) & _in_image(uv, camera)
     return Projection(uv=uv, depth=depth, in_view=in_view)
+
+
+def project_in_view(
+    points_xyz: np.ndarray, camera: CameraModel, min_depth: float = 0.1
+) -> tuple[np.ndarray, np.ndarray]:
+    """``project_points``'s in_view (N,) bool and uv[in_view] (M, 2) float64, bit for bit, at a
+    fraction of the cost: the lens model runs only on the points in front of the camera (on a
+    forward camera and a spinning LiDAR, about half of them). What ``inputs.prepare`` needs."""
+    xyz = _as_points(points_xyz, "points_xyz")
+    with np.errstate(invalid="ignore"):
+        front = np.flatnonzero(_camera_coordinates(xyz, camera, (2,))[:, 0] > min_depth)
+    uv, usable, in_lens = _project_camera(_camera_coordinates(xyz[front], camera), camera)
+    keep = usable & in_lens & _in_image(uv, camera)
+    in_view = np.zeros(xyz.shape[0], dtype=bool)
+    in_view[front[keep]] = True
+    return in_view, uv[keep]
 
 
 # -- spherical range image ---------------------------------------------------------------------
@@ -488,6 +533,14 @@ class RangeProjection:
         return picked if grid.ndim == 2 else picked.T
 
 
+def spherical_cell(yaw: Any, pitch: Any, cfg: RangeImageConfig, floor: Callable[[Any], Any]) -> tuple[Any, Any]:
+    """Unclipped (col, row) of directions yaw, pitch (radians), as float arrays: numpy arrays
+    with ``np.floor`` or torch tensors with ``torch.floor`` (the device path), one formula."""
+    col = floor(0.5 * (1.0 - yaw / np.pi) * int(cfg.cols))
+    row = floor((1.0 - (pitch - cfg.fov_down) / (cfg.fov_up - cfg.fov_down)) * int(cfg.rows))
+    return col, row
+
+
 def range_projection(points: np.ndarray, cfg: RangeImageConfig) -> RangeProjection:
     """Spherical projection of a spinning-LiDAR scan (RangeNet++ conventions).
 
@@ -513,44 +566,71 @@ def range_projection(points: np.ndarray, cfg: RangeImageConfig) -> RangeProjecti
     rng = np.sqrt(np.einsum("ij,ij->i", xyz, xyz))
     valid = np.isfinite(rng) & (rng > 0)
 
-    # Placeholders for invalid points keep every index in bounds without branching later.
-    safe = np.where(valid[:, None], xyz, [1.0, 0.0, 0.0])
-    safe_rng = np.where(valid, rng, 1.0)
+    # Placeholders for invalid points keep every index in bounds without branching later (a
+    # real scan usually has none: then no copies).
+    if valid.all():
+        safe, safe_rng = xyz, rng
+    else:
+        safe = np.where(valid[:, None], xyz, [1.0, 0.0, 0.0])
+        safe_rng = np.where(valid, rng, 1.0)
     yaw = np.arctan2(safe[:, 1], safe[:, 0])
     pitch = np.arcsin(np.clip(safe[:, 2] / safe_rng, -1.0, 1.0))
-    fov_up, fov_down = cfg.fov_up, cfg.fov_down
-
-    col = np.floor(0.5 * (1.0 - yaw / np.pi) * n_cols)
-    row = np.floor((1.0 - (pitch - fov_down) / (fov_up - fov_down)) * n_rows)
-    cols = np.clip(col, 0, n_cols - 1).astype(np.int32)
-    rows = np.clip(row, 0, n_rows - 1).astype(np.int32)
-    in_fov = valid & (pitch >= fov_down) & (pitch <= fov_up)
-
-    # Nearest point per cell, deterministically: sort by (cell, range, index) and keep each
-    # cell's first entry (fancy assignment with repeated indices has no defined winner). One
-    # stable sort of a packed uint64 key replaces a lexsort at a sixth of the cost on real scans
-    # (2 ms vs 12 ms for 120k points): cell in the high word, the float32 range's bit pattern in
-    # the low word (it orders like the value for non-negative floats), index order from
-    # stability. "Nearest" is thereby judged on the float32 ranges this function returns.
+    col, row = spherical_cell(yaw, pitch, cfg, np.floor)
+    cols = np.clip(col, 0, n_cols - 1, out=col).astype(np.int32)
+    rows = np.clip(row, 0, n_rows - 1, out=row).astype(np.int32)
+    in_fov = valid & (pitch >= cfg.fov_down) & (pitch <= cfg.fov_up)
     range32 = rng.astype(np.float32)
-    idx = np.flatnonzero(valid)
-    cell = (rows[idx].astype(np.uint64) * np.uint64(n_cols) + cols[idx].astype(np.uint64))
-    key = (cell << np.uint64(32)) | range32[idx].view(np.uint32).astype(np.uint64)
-    order = np.argsort(key, kind="stable")
-    cell_sorted = cell[order]
-    first = np.ones(cell_sorted.shape[0], dtype=bool)
-    first[1:] = cell_sorted[1:] != cell_sorted[:-1]
-    cell_to_point = np.full(n_rows * n_cols, -1, dtype=np.int32)
-    cell_to_point[cell_sorted[first]] = idx[order[first]]
-
     return RangeProjection(
         rows=rows,
         cols=cols,
         range=range32,
         in_fov=in_fov,
         valid=valid,
-        cell_to_point=cell_to_point.reshape(n_rows, n_cols),
+        cell_to_point=nearest_per_cell(rows, cols, range32, valid, (n_rows, n_cols)),
     )
+
+
+#: Key of an empty cell in ``nearest_per_cell`` (above every real key).
+_EMPTY_KEY = np.uint64(np.iinfo(np.uint64).max)
+
+
+def nearest_per_cell(rows: np.ndarray, cols: np.ndarray, range32: np.ndarray, valid: np.ndarray,
+                     shape: tuple[int, int]) -> np.ndarray:
+    """(rows, cols) int32 index of the nearest valid point of each cell, -1 where none fell.
+
+    rows, cols: (N,) cell of each point; range32: (N,) float32 range (m); valid: (N,) bool, the
+    points that may win. Nearest is judged on the float32 ranges, ties go to the lowest index.
+
+    One pass, no sort: each point's key packs the float32 range's bit pattern (ordered like the
+    value for non-negative floats) in the high word and the point's index in the low word, and
+    ``np.minimum.at`` keeps each cell's smallest key, i.e. its nearest point and, among equal
+    ranges, the lowest index (a minimum has one answer whatever order the points come in, unlike
+    fancy assignment with repeated indices). 8x faster than the stable argsort of (cell, range)
+    keys it replaces (0.4 vs 3.6 ms for a 124k-point KITTI scan, loaded machine), same winners. The keys
+    are written and read as pairs of 32-bit words (no 64-bit temporaries); an empty cell's key is
+    all ones, whose low word reads as -1.
+    """
+    n_rows, n_cols = shape
+    n = rows.shape[0]
+    if n >= 2 ** 32 - 1:
+        raise ValueError(f"at most 2**32 - 2 points, got {n}")
+    if n_rows * n_cols >= 2 ** 31:
+        raise ValueError(f"at most 2**31 - 1 cells, got {n_rows} x {n_cols}")
+    hi, lo = (1, 0) if sys.byteorder == "little" else (0, 1)  # the words of a uint64 in memory
+    if valid.all():  # the usual scan: no index arrays
+        cell = rows.astype(np.int32, copy=False) * np.int32(n_cols) + cols
+        bits, index = range32.view(np.uint32), np.arange(n, dtype=np.uint32)
+    else:
+        idx = np.flatnonzero(valid)
+        cell = rows[idx].astype(np.int32, copy=False) * np.int32(n_cols) + cols[idx]
+        bits, index = range32[idx].view(np.uint32), idx
+    key = np.empty(cell.shape[0], dtype=np.uint64)
+    words = key.view(np.uint32).reshape(-1, 2)
+    words[:, hi] = bits
+    words[:, lo] = index
+    best = np.full(n_rows * n_cols, _EMPTY_KEY, dtype=np.uint64)
+    np.minimum.at(best, cell, key)
+    return np.ascontiguousarray(best.view(np.int32).reshape(-1, 2)[:, lo]).reshape(n_rows, n_cols)
 
 
 def range_image_channels(
@@ -569,5 +649,13 @@ def range_image_channels(
     pts = np.asarray(points)
     if pts.ndim != 2 or pts.shape[1] != 4 or pts.shape[0] != proj.num_points:
         raise ValueError(f"points must have shape ({proj.num_points}, 4), got {pts.shape}")
-    values = np.concatenate([proj.range[:, None], pts.astype(np.float32, copy=False)], axis=1)
-    return proj.image(values, fill=fill)
+    # One dense gather per channel from a (5, N + 1) table whose last column is the fill (what
+    # empty cells read): 2.5x faster than scattering the winners into the image.
+    n = proj.num_points
+    table = np.empty((5, n + 1), dtype=np.float32)
+    table[0, :n] = proj.range
+    table[1:, :n] = pts.T
+    table[:, n] = fill
+    winners = proj.cell_to_point.ravel()
+    out = np.take(table, np.where(winners >= 0, winners, n), axis=1)
+    return out.reshape((5,) + proj.shape)

@@ -1,22 +1,31 @@
 """Segmenter: Frame -> Prediction, over any Backend.
 
 preprocess   ``inputs.prepare``: image resized + centre-cropped to the network's input size (camera
-             K adjusted the same way), points projected into that image, spherical range image
-inference    backend.run: both branches in one graph (one engine launch on a GPU)
-postprocess  per-point logits (``inputs.point_outputs``: range cell of each point, bilinear image
-             sample at each in-view point's pixel), softmax, entropy-weighted fusion (with the
-             branch log-weights the adapter deploys, see ``deploy``), labels and confidence
+             K adjusted the same way), points projected into that image, spherical range image;
+             on the backend's device (numpy on a CPU, torch on a GPU: ``inputs.prepare_on``)
+inference    backend.run: both branches in one graph (one engine launch on a GPU); on a GPU
+             backend ``run_device`` takes and returns device tensors
+postprocess  per-point probabilities (``inputs.point_predictions``: range cell of each point,
+             bilinear image sample at each in-view point's pixel), softmax, entropy-weighted
+             fusion (with the branch log-weights the adapter deploys, see ``deploy``), labels and
+             confidence, in torch on the outputs' device
+
+On a GPU backend a frame's points and image go to the device once, and nothing comes back
+until the per-point results (labels, confidence, branch probabilities).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
 from pl3d_ros.frame import Frame, Prediction
-from pl3d_ros.inputs import NetworkInputs, PointOutputs, point_outputs, prepare
+from pl3d_ros.inputs import NetworkInputs, PointOutputs, PointPredictions, point_outputs, point_predictions, prepare
 from pl3d_ros.models.checkpoint import CheckpointHeader
 from pl3d_ros.runtime.base import Backend
 
@@ -25,16 +34,41 @@ from pl3d_ros.runtime.base import Backend
 FUSION_KEY = "pl3d.fusion_bias"
 
 
+@contextmanager
+def one_torch_thread(device: torch.device) -> Iterator[None]:
+    """CPU pre/postprocessing on one intra-op thread of the calling thread (the count is an
+    OpenMP per-thread setting; restored after). Its ops are 0.1-1 ms each: a second thread gains
+    little on an idle machine, and on a busy one (the adaptation thread, other processes) the
+    OpenMP team waits for its descheduled member at every op: the postprocess took 360 ms with
+    two threads against 13 ms with one on the loaded development machine."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class Segmenter:
     """Runs a two-stream network on Frames. Thread-safe as its backend is (see runtime.base).
 
     ``fusion_bias``: the log-weights (2D, 3D) added to the branches' -entropy in the fusion; an
-    adapted checkpoint carries the ones it was adapted with (header training.adaptation)."""
+    adapted checkpoint carries the ones it was adapted with (header training.adaptation).
+    ``device``: where pre- and postprocessing run, the backend's (``Backend.device``)."""
 
     def __init__(self, backend: Backend, header: CheckpointHeader) -> None:
         self.backend = backend
         self.header = header
         self.num_classes = header.class_set.num_classes
+        self.device = torch.device(getattr(backend, "device", "cpu"))
+        # One helper thread for the camera half of the CPU preprocess (inputs.prepare) and the 2D
+        # half of the postprocess: two cores work on a frame's numpy / torch loops, which release
+        # the GIL. The thread starts with the first infer, on the inference thread, so it shares
+        # its priority.
+        self._helper = ThreadPoolExecutor(1, thread_name_prefix="pl3d-prepare")
         saved = header.training.get("adaptation", {}).get("fusion_bias")
         self.fusion_bias: tuple[float, float] | None = tuple(float(v) for v in saved) if saved else None
 
@@ -50,23 +84,50 @@ class Segmenter:
 
     def preprocess(self, frame: Frame) -> NetworkInputs:
         m = self.header.model
-        return prepare(frame, (m.image_width, m.image_height), self.header.sensor)
+        return prepare(frame, (m.image_width, m.image_height), self.header.sensor, self.device, self._helper)
 
-    def postprocess(self, inputs: NetworkInputs, outputs: dict[str, np.ndarray]) -> PointOutputs:
-        """Backend outputs -> per-point logits of both branches."""
-        return point_outputs(inputs, torch.from_numpy(outputs["logits_2d"]), torch.from_numpy(outputs["logits_3d"]))
+    def run(self, inputs: NetworkInputs) -> dict[str, torch.Tensor]:
+        """The backend's dense outputs for ``inputs``, as tensors on ``device`` (a CPU backend's
+        numpy outputs wrapped without a copy)."""
+        if self.device.type == "cpu":
+            return {k: torch.from_numpy(v) for k, v in self.backend.run(inputs.arrays()).items()}
+        return self.backend.run_device({"image": inputs.image, "range_image": inputs.range_image})
+
+    def postprocess(self, inputs: NetworkInputs, outputs: dict[str, np.ndarray | torch.Tensor]) -> PointOutputs:
+        """Backend outputs -> per-point logits of both branches (what the adapter and training
+        use; inference takes ``predict``)."""
+        l2, l3 = (torch.as_tensor(outputs[k]) for k in ("logits_2d", "logits_3d"))
+        return point_outputs(inputs, l2, l3)
+
+    def predict(self, inputs: NetworkInputs, outputs: dict[str, torch.Tensor]) -> PointPredictions:
+        """Backend outputs -> per-point probabilities, fused labels and confidence."""
+        helper = self._helper if self.device.type == "cpu" else None  # a GPU queues the work anyway
+        return point_predictions(inputs, outputs["logits_2d"], outputs["logits_3d"], self.fusion_bias, helper)
+
+    def _sync(self) -> None:
+        # GPU work is asynchronous: a stage's time is only known once its kernels are done.
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def infer(self, frame: Frame) -> Prediction:
-        """Label every point of ``frame``; the Prediction keeps the inputs (``prediction.inputs``)."""
+        """Label every point of ``frame``; the Prediction keeps the inputs (``prediction.inputs``).
+        Its probs_2d / probs_3d are transposed views of class-major buffers (shape (M, C) /
+        (N, C) as the contract says, Fortran order)."""
         t0 = time.perf_counter()
-        inputs = self.preprocess(frame)
+        with one_torch_thread(self.device):
+            inputs = self.preprocess(frame)
+        self._sync()
         t1 = time.perf_counter()
-        outputs = self.backend.run(inputs.arrays())
+        outputs = self.run(inputs)
+        self._sync()
         t2 = time.perf_counter()
-        prob_2d, prob_3d, fused = self.postprocess(inputs, outputs).probs(inputs.in_view, self.fusion_bias)
-        confidence, labels = fused.max(-1)
+        with one_torch_thread(self.device):
+            pred = self.predict(inputs, outputs)
+            labels = pred.labels.to(torch.uint8).cpu().numpy()
+            confidence = pred.confidence.cpu().numpy()
+            prob_2d, prob_3d = pred.prob_2d.cpu().numpy(), pred.prob_3d.cpu().numpy()
+            in_view = inputs.in_view.cpu().numpy()
         t3 = time.perf_counter()
         timings = {"preprocess": (t1 - t0) * 1e3, "inference": (t2 - t1) * 1e3,
                    "postprocess": (t3 - t2) * 1e3, "total": (t3 - t0) * 1e3}
-        return Prediction(labels.numpy().astype(np.uint8), confidence.numpy(), inputs.in_view.numpy(),
-                          prob_2d.numpy(), prob_3d.numpy(), timings, frame.stamp_ns, inputs=inputs)
+        return Prediction(labels, confidence, in_view, prob_2d, prob_3d, timings, frame.stamp_ns, inputs=inputs)

@@ -80,9 +80,11 @@ RANGE_BRANCHES = Registry("range branch architecture", {
     "mininet3d": "pl3d_ros.models.imported:MiniNet3DRange",
 }, "unet | mininet3d")
 
-#: Numeric precisions (``runtime.precision``). TensorRT builds engines in either; the CPU
-#: backends run fp32 whatever is asked.
-PRECISIONS = ("fp16", "fp32")
+#: Numeric precisions (``runtime.precision``). auto: each backend's measured best (TensorRT
+#: fp16, ONNX Runtime int8, torch fp32: ``runtime.factory.AUTO_PRECISION``); fp16 / fp32: the
+#: TensorRT engine's (the CPU backends run fp32 for either); int8: ONNX Runtime's QDQ int8 graph
+#: (runtime/quantization.py), not TensorRT's or torch's.
+PRECISIONS = ("auto", "fp16", "fp32", "int8")
 
 #: Mask providers (``refine.mask_provider``); "auto" picks SAM / MobileSAM when a checkpoint is
 #: set, else superpixels.

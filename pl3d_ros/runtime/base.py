@@ -31,9 +31,14 @@ class BackendError(RuntimeError):
 
 
 class Backend(ABC):
-    """run(inputs) -> outputs; swap_weights(state_dict); describe()."""
+    """run(inputs) -> outputs; run_device(tensors) -> tensors; swap_weights(state_dict); describe().
+
+    ``device``: where ``run_device`` takes its inputs and leaves its outputs, and so where the
+    segmenter pre- and postprocesses (a GPU backend's; CPU for the rest).
+    """
 
     name = "abstract"
+    device = torch.device("cpu")
 
     def __init__(self, input_shapes: dict[str, list[int]]) -> None:
         self.input_shapes = {k: tuple(v) for k, v in input_shapes.items()}
@@ -41,17 +46,24 @@ class Backend(ABC):
         self.swaps = 0
         self.last_swap_ms: float | None = None
 
-    def check_inputs(self, inputs: dict[str, np.ndarray]) -> None:
+    def check_inputs(self, inputs: dict[str, np.ndarray] | dict[str, torch.Tensor]) -> None:
         for name, shape in self.input_shapes.items():
             if name not in inputs:
                 raise BackendError(f"missing input {name!r}; expected {list(self.input_shapes)}")
-            arr = inputs[name]
-            if tuple(arr.shape) != shape or arr.dtype != np.float32:
+            arr = inputs[name]  # numpy array or torch tensor (run_device)
+            float32 = torch.float32 if isinstance(arr, torch.Tensor) else np.float32
+            if tuple(arr.shape) != shape or arr.dtype != float32:
                 raise BackendError(f"input {name} must be float32 {shape}, got {arr.dtype} {tuple(arr.shape)}")
 
     @abstractmethod
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one frame. Thread-safe with respect to swap_weights."""
+
+    def run_device(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``run`` on torch tensors on ``device``, outputs float32 tensors there. This default
+        goes through ``run`` on the host; GPU backends override it to stay on the device."""
+        outs = self.run({k: v.detach().cpu().numpy() for k, v in inputs.items()})
+        return {k: torch.from_numpy(v).to(self.device) for k, v in outs.items()}
 
     @abstractmethod
     def _build_engine(self, state_dict: dict[str, torch.Tensor]) -> Any:

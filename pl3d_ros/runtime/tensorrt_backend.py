@@ -608,6 +608,20 @@ class _Engine:
             self.stream.synchronize()  # before the lock is released and the buffers reused
         return {name: t.numpy() for name, t in outs.items()}
 
+    def run_device(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``run`` without leaving the GPU: device-to-device copies in, float32 copies of the
+        outputs back on the device (the buffers are reused by the next run)."""
+        with self.lock, torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            # The inputs were made on the caller's stream: wait for them, not for the whole GPU.
+            self.stream.wait_stream(torch.cuda.default_stream(self.device))
+            for name in INPUT_NAMES:
+                self.buffers[name].copy_(inputs[name].to(self.device))
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise BackendError("TensorRT execute_async_v3 failed (see the TensorRT log)")
+            outs = {name: self.buffers[name].to(torch.float32, copy=True) for name in OUTPUT_NAMES}
+            self.stream.synchronize()  # before the lock is released and the buffers reused
+        return outs
+
     def __del__(self) -> None:
         # The context must go before its engine.
         try:
@@ -773,6 +787,10 @@ class TensorRTBackend(Backend):
         self.check_inputs(inputs)
         holder = self._engine  # read once: this run uses one engine from start to end
         return holder.run(inputs)
+
+    def run_device(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.check_inputs(inputs)
+        return self._engine.run_device(inputs)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "precision": self.precision,

@@ -35,5 +35,13 @@ class TorchBackend(Backend):
         outs = model(image, rng)
         return {name: out.float().cpu().numpy() for name, out in zip(OUTPUT_NAMES, outs)}
 
+    @torch.inference_mode()
+    def run_device(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The network on device tensors; outputs stay on ``device``."""
+        self.check_inputs(inputs)
+        model = self._engine
+        outs = model(inputs["image"].to(self.device), inputs["range_image"].to(self.device))
+        return {name: out.float() for name, out in zip(OUTPUT_NAMES, outs)}
+
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "device": str(self.device)}

@@ -284,6 +284,8 @@ class AdaptConfig(Section):
     reliable_variance: float = setting(0.05, "... and teacher/student variance <= this", min=0.0, max=1.0)
     weight_ce: float = setting(1.0, "weight of the cross-entropy on the reliable pseudo-labels (full)", min=0.0,
                                max=100.0)
+    ce_class_balanced: bool = setting(False, "weight the cross-entropy's classes by 1 / log(1.2 + their share of "
+                                      "the pseudo-labels) (ENet, as source training)")
     negative_max_prob: float = setting(0.2, "negative learning: class probability at most this", min=0.0, max=1.0)
     negative_rounds: int = setting(1, "negative classes per point per frame", min=1)
     weight_negative: float = setting(0.1, "weight of the negative learning loss", min=0.0, max=100.0)

@@ -38,6 +38,22 @@ def test_cross_entropy_ignores_unlabelled_points():
     assert none.item() == 0.0 and torch.all(logits.grad == 0)
 
 
+def test_class_balanced_cross_entropy_weights_rare_classes_up():
+    # 9 points of class 0 predicted right, 1 of class 1 predicted wrong: balancing makes the
+    # rare class's error count more than its 1/10 share.
+    logits = torch.zeros(10, 3)
+    logits[:9, 0] = 4.0
+    logits[9, 0] = 4.0
+    target = torch.tensor([0] * 9 + [1])
+    plain = losses.cross_entropy(logits, target)
+    bal = losses.cross_entropy(logits, target, balanced=True)
+    w = 1.0 / np.log(1.2 + np.array([0.9, 0.1]))
+    per = torch.nn.functional.cross_entropy(logits, target, reduction="none").numpy()
+    expected = (w[0] * per[:9].sum() + w[1] * per[9]) / (9 * w[0] + w[1])
+    assert float(bal) == pytest.approx(expected, rel=1e-5)
+    assert float(bal) > float(plain)
+
+
 def test_negative_learning_value():
     # q = (1/4, 3/4) for both rows. Row 0 negative class 1: -ln(1 - 3/4) = ln 4 = 1.386294;
     # row 1 negative class 0: -ln(1 - 1/4) = -ln(3/4) = 0.287682; row 2 has none. Mean 0.836988.

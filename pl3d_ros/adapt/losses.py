@@ -20,15 +20,23 @@ def _zero(like: torch.Tensor) -> torch.Tensor:
     return like.sum() * 0.0
 
 
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, balanced: bool = False) -> torch.Tensor:
     """Mean cross-entropy over labelled points.
 
     logits: (N, C); target: (N,) int64 class ids, ``IGNORE`` (-1) for unlabelled points -> ().
+    balanced: weight each class by 1 / log(1.2 + its share of the labelled points) (ENet, as the
+    source training does): pseudo-labels are mostly road and vegetation, and a plain mean would
+    trade the rare classes that mIoU counts alike for the common ones.
     """
     keep = target >= 0
     if not bool(keep.any()):
         return _zero(logits)
-    return F.cross_entropy(logits[keep], target[keep])
+    if not balanced:
+        return F.cross_entropy(logits[keep], target[keep])
+    t = target[keep]
+    freq = torch.bincount(t, minlength=logits.shape[1]).to(logits.dtype) / t.numel()
+    weight = torch.where(freq > 0, 1.0 / torch.log(1.2 + freq), torch.zeros_like(freq))
+    return F.cross_entropy(logits[keep], t, weight=weight)
 
 
 def select_negative_classes(p_teacher: torch.Tensor, used: torch.Tensor, candidates: torch.Tensor,

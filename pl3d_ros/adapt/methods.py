@@ -282,7 +282,7 @@ class Full(Method):
         self.erda = (T.ErdaSoftLoss(a.weight_erda, a.erda_tau, a.erda_lambda, a.prototype_momentum,
                                     self.num_classes, student.image.feature_dim, student.range.feature_dim, dev)
                      if on["erda"] else None)
-        self.terms = [T.ReliableCE(a.weight_ce)]
+        self.terms = [T.ReliableCE(a.weight_ce, a.ce_class_balanced)]
         if on["negative"]:
             self.terms.append(T.NegativeLearning(a.weight_negative, a.negative_max_prob, a.negative_rounds))
         if self.erda is not None:

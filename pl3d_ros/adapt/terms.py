@@ -52,11 +52,13 @@ class LossTerm:
         """Back to no online state (after a restore to the source)."""
 
 
-def branch_cross_entropy(out: PointOutputs, target: torch.Tensor, in_view: torch.Tensor) -> torch.Tensor:
+def branch_cross_entropy(out: PointOutputs, target: torch.Tensor, in_view: torch.Tensor,
+                         balanced: bool = False) -> torch.Tensor:
     """CE of the 3D branch on every labelled point plus the 2D branch on the labelled in-view ones.
 
-    target: (N,) int64, -1 = no label."""
-    return losses.cross_entropy(out.logits_3d, target) + losses.cross_entropy(out.logits_2d, target[in_view])
+    target: (N,) int64, -1 = no label; balanced: class-balanced (losses.cross_entropy)."""
+    return (losses.cross_entropy(out.logits_3d, target, balanced)
+            + losses.cross_entropy(out.logits_2d, target[in_view], balanced))
 
 
 class FusedEntropy(LossTerm):
@@ -82,9 +84,13 @@ class ReliableCE(LossTerm):
 
     name = "ce"
 
+    def __init__(self, weight: float = 1.0, balanced: bool = False) -> None:
+        super().__init__(weight)
+        self.balanced = bool(balanced)
+
     def loss(self, ctx: StepContext) -> torch.Tensor:
         assert ctx.split is not None
-        return branch_cross_entropy(ctx.out, ctx.split.target, ctx.state.in_view)
+        return branch_cross_entropy(ctx.out, ctx.split.target, ctx.state.in_view, self.balanced)
 
 
 class NegativeLearning(LossTerm):

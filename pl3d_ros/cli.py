@@ -149,15 +149,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from pl3d_ros.eval.replay import ReplayOptions, replay
 
     changes = {"adapt.method": args.method, "runtime.backend": args.backend, "runtime.threads": args.threads}
-    if args.disable:
-        changes["adapt.disable"] = [c.strip() for c in args.disable.split(",") if c.strip()]
+    for flag in ("disable", "enable"):
+        if getattr(args, flag):
+            changes[f"adapt.{flag}"] = [c.strip() for c in getattr(args, flag).split(",") if c.strip()]
     if args.steps_per_frame:
         changes["adapt.steps_per_frame"] = args.steps_per_frame
     cfg = _config(args, reading=True).replace(**{k: v for k, v in changes.items() if v is not None})
-    if cfg.adapt.disable and cfg.adapt.method != "full":
+    if (cfg.adapt.disable or cfg.adapt.enable) and cfg.adapt.method != "full":
         from pl3d_ros.config import ConfigError
 
-        raise ConfigError("--disable applies to --method full only")
+        raise ConfigError("--disable / --enable apply to --method full only")
     opts = ReplayOptions(corrupt=args.corrupt or "", mode=args.mode, seed=args.seed, max_frames=args.max_frames,
                          write_bag=not args.no_bag, label=args.label or "", config=cfg,
                          topics=_read_options(args, cfg).topics)
@@ -554,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--disable", default="",
                    help="components of full to switch off, comma-separated: " + ",".join(registry.COMPONENTS))
+    p.add_argument("--enable", default="",
+                   help="components of full that are off by default to switch on, comma-separated: "
+                   + ",".join(registry.OFF_BY_DEFAULT))
     p.add_argument("--steps-per-frame", type=int, default=0, help="lockstep adaptation steps per frame")
     p.add_argument("--config", default=None, help="settings YAML (a params file or nested sections)")
     p.add_argument("--backend", choices=registry.BACKENDS.names, default=None,

@@ -254,6 +254,8 @@ class AdaptConfig(Section):
                           choices=lambda: registry.METHODS.names)
     disable: list[str] = setting([], "components of full to switch off (the ablation)",
                                  items=registry.COMPONENTS)
+    enable: list[str] = setting([], "components of full that are off by default to switch on: "
+                                + ", ".join(registry.OFF_BY_DEFAULT), items=registry.OFF_BY_DEFAULT)
     trainable: str = setting("norm", "student parameters that adapt (norm = normalisation layers, norm_heads = "
                              "those and the classifier heads)", choices=registry.TRAINABLE)
     optimizer: str = setting("adam", "optimizer of the student", choices=registry.OPTIMIZERS)
@@ -316,9 +318,21 @@ class AdaptConfig(Section):
     resume: str = setting("source", "start from the source, or from the adapted checkpoint_path when it exists",
                           choices=("source", "adapted"))
 
+    def check(self) -> None:
+        both = sorted(set(self.enable) & set(self.disable))
+        if both:
+            raise ConfigError(f"adapt.enable and adapt.disable both name {', '.join(both)}")
+
     def enabled(self, component: str) -> bool:
-        """Whether a component of ``full`` is on (always False for the other methods)."""
-        return self.method == "full" and component not in self.disable
+        """Whether a component of ``full`` is on (always False for the other methods): on by
+        default unless in registry.OFF_BY_DEFAULT, then ``enable`` and ``disable`` change it."""
+        if self.method != "full" or component in self.disable:
+            return False
+        return component not in registry.OFF_BY_DEFAULT or component in self.enable
+
+    def components(self) -> list[str]:
+        """The components of ``full`` that are on, in registry order."""
+        return [c for c in registry.COMPONENTS if self.enabled(c)]
 
 
 @dataclass

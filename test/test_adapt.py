@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fakes import bn_weights, confident_model, header, small_model, synthetic_frame
+from pl3d_ros import registry
 from pl3d_ros.adapt import Adapter, build_method
 from pl3d_ros.adapt.state import frame_state
 from pl3d_ros.config import AdaptConfig, Config, RefineConfig
@@ -17,8 +18,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_cfg(refine: bool = False, **adapt) -> Config:
-    """The tiny test network's config. refine=False switches mask refinement off (no mla)."""
-    adapt.setdefault("disable", [] if refine else ["mla"])
+    """The tiny test network's config with every component of full on (the off-by-default ones
+    too, so each is exercised). refine=False keeps mask refinement off (no mla, gapp, connectivity)."""
+    off = set(adapt.get("disable", [])) | (set() if refine else {"mla", "gapp", "connectivity"})
+    adapt.setdefault("enable", [c for c in registry.OFF_BY_DEFAULT if c not in off])
     return Config(class_set="xmuda10", adapt=AdaptConfig(**adapt),
                   refine=RefineConfig(mask_provider="superpixel", superpixel_scale=10.0,
                                       superpixel_min_size=20)).validate()

@@ -41,8 +41,11 @@ def test_shipped_grids_cover_the_protocol():
     for grid in (real, load_grid(GRIDS / "continual.yaml")):
         assert grid.seeds == (0, 1, 2)
         assert {"source", "tent", "pl", "full"} <= set(grid.methods)
-        removed = sorted(c for m in grid.methods for c in grid.method_config(m).adapt.disable)
-        assert removed == sorted(registry.COMPONENTS)  # one ablation per component of full
+        # one ablation per component of full: the default-on ones removed, the others added
+        removed = {c for m in grid.methods for c in grid.method_config(m).adapt.disable}
+        added = {c for m in grid.methods for c in grid.method_config(m).adapt.enable}
+        assert removed == set(registry.COMPONENTS) - set(registry.OFF_BY_DEFAULT)
+        assert added == set(registry.OFF_BY_DEFAULT)
     (cont,) = load_grid(GRIDS / "continual.yaml").streams
     assert cont.kind == "sim" and cont.frames >= 600 and len(cont.domains) >= 5
     smoke = load_grid(GRIDS / "smoke.yaml")
@@ -91,7 +94,9 @@ BAD = {
     "bad setting value": (lambda s: s["methods"]["full"].update({"adapt.lr": -1}), "method 'full'"),
     "unknown component": (lambda s: s["methods"]["full-mla"].update({"adapt.disable": ["sam"]}), "method 'full-mla'"),
     "disable without full": (lambda s: s["methods"].update(t={"adapt.method": "tent", "adapt.disable": ["mla"]}),
-                             "applies to adapt.method full only"),
+                             "apply to adapt.method full only"),
+    "enable and disable": (lambda s: s["methods"]["full-mla"].update({"adapt.enable": ["mla"]}),
+                           "both name mla"),
     "method not named": (lambda s: s["methods"].update(t={"adapt.lr": 0.01}), "set adapt.method"),
     "threads": (lambda s: s["settings"].update({"runtime.threads": 2}), "runtime.threads is 1"),
     "method not a mapping": (lambda s: s["methods"].update(t=["adapt.method", "tent"]), "must be a mapping"),
@@ -287,3 +292,18 @@ def test_smoke_grid_runs_two_cells_on_ray_then_resumes(tmp_path, capsys):
     assert again["counts"]["resumed"] == 2 and again["counts"]["ran"] == 0 and not again["ray"]["started"]
     assert again["summary"] == saved["summary"]
     assert "| tent |" in capsys.readouterr().out
+
+
+def test_an_added_component_counts_method_minus_full(tmp_path):
+    spec = base_spec()
+    spec["methods"]["full+mt"] = {"adapt.method": "full", "adapt.enable": ["mt"]}
+    grid = parse_grid(spec, root=tmp_path)
+    out = tmp_path / "out"
+    for m, v in {"source": 20.0, "full": 30.0, "full-mla": 29.0, "full+mt": 27.0}.items():
+        _fake_cell(grid, out, "drive", m, 0, v, good=0.5)
+    cells = grid.cells(out)
+    r = merge(grid, cells, {c.key: {"status": "resumed"} for c in cells}, out)
+    abl = r["ablations"]["sim"]
+    assert abl["full+mt"]["added"] == ["mt"] and abl["full+mt"]["streams"]["drive"]["mean"] == pytest.approx(-3.0)
+    assert abl["full-mla"]["streams"]["drive"]["mean"] == pytest.approx(1.0)
+    assert "| +mt |" in render_markdown(r) and "| −mla |" in render_markdown(r)

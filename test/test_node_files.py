@@ -122,7 +122,7 @@ def test_parameter_types_follow_the_settings():
     # type, because rclpy infers BYTE_ARRAY from [].
     assert specs["adapt.disable"].type_name == "STRING_ARRAY" and specs["adapt.disable"].declare_by_type
     assert specs["frames.static_extrinsics"].type_name == "DOUBLE_ARRAY"
-    assert [s.name for s in specs.values() if s.declare_by_type] == ["adapt.disable",
+    assert [s.name for s in specs.values() if s.declare_by_type] == ["adapt.disable", "adapt.enable",
                                                                    "frames.static_extrinsics"]
     for spec in specs.values():
         assert spec.type_name in {"BOOL", "INTEGER", "DOUBLE", "STRING", "BOOL_ARRAY",

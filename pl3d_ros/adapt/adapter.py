@@ -417,7 +417,7 @@ class Adapter:
             a = self.cfg.adapt
             training = dict(self.header.training)
             training["adaptation"] = {
-                "method": a.method, "disable": list(a.disable), "trainable": a.trainable,
+                "method": a.method, "components": a.components(), "trainable": a.trainable,
                 "frames": self._frames, "steps": self._steps, "restores": self._restores,
                 "collapse_restores": self._collapse_restores, "domain_resets": self._domain_resets,
                 "saved_unix_s": time.time(),

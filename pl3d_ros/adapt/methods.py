@@ -36,7 +36,7 @@ from pl3d_ros.adapt.pseudo_labels import PseudoLabeler
 from pl3d_ros.adapt.reliability import reliability_split
 from pl3d_ros.adapt.state import FrameState, PseudoLabels, StepResult, TeacherOutput
 from pl3d_ros.adapt.teacher import CollapseGuard, TeacherStudent
-from pl3d_ros.config import Config
+from pl3d_ros.config import Config, ConfigError
 from pl3d_ros.inputs import NetworkInputs, PointOutputs, forward_points, point_outputs
 from pl3d_ros.models.checkpoint import CheckpointHeader
 
@@ -79,13 +79,17 @@ class Method:
         self.header = header
         self.num_classes = header.class_set.num_classes
         self.generator = generator
-        momentum = a.teacher_momentum if self.teacher_momentum is None else self.teacher_momentum
+        momentum = self.momentum(cfg)
         self.models = TeacherStudent(source, trainable=self.trainable or a.trainable, optimizer=a.optimizer,
                                      lr=a.lr, momentum=momentum, initial_state=initial_state,
                                      other_lr_scale=a.other_lr_scale, deploy=self.deploy or a.deploy)
         self.terms: list[T.LossTerm] = []
         self.bf16 = a.precision == "bf16" or (a.precision == "auto" and native_bf16(self.device))
         self.fusion_bias: torch.Tensor | None = None  # branch log-weights of the fusion (None: plain)
+
+    def momentum(self, cfg: Config) -> float:
+        """The teacher's EMA momentum (0: the teacher is the student after every step)."""
+        return cfg.adapt.teacher_momentum if self.teacher_momentum is None else self.teacher_momentum
 
     @property
     def teacher(self) -> torch.nn.Module:
@@ -219,6 +223,9 @@ class PseudoLabel(Method):
         self.labeler = PseudoLabeler(self.num_classes, pl.median_window_frames, pl.confidence_cap)
         self.terms = [T.PseudoLabelCE()]
 
+    def momentum(self, cfg: Config) -> float:
+        return cfg.adapt.teacher_momentum if cfg.adapt.enabled("mt") else 0.0
+
     def reset(self) -> None:
         super().reset()
         self.labeler.reset()
@@ -256,10 +263,11 @@ class Full(Method):
     learning in the first ``negative_rounds`` steps, ERDA, cross-modal KL), optimizer step,
     teacher EMA, stochastic restore, prototype EMA.
 
-    Components (cfg.adapt.disable, registry.COMPONENTS): mla off = no refinement at all (GAPP
-    needs MLA's mask classes); gapp off = naive MLA (every point of a kept mask takes its class);
-    connectivity, negative, erda, xm, restore (the stochastic restore) and guard (the collapse
-    guard) each drop their own part.
+    Components (registry.COMPONENTS; cfg.adapt.enable / disable, AdaptConfig.enabled): mla off =
+    no refinement at all (GAPP needs MLA's mask classes); gapp off = naive MLA (every point of a
+    kept mask takes its class); mt off = teacher momentum 0 (the teacher is the student); ce,
+    connectivity, negative, erda, xm, entropy, restore (the stochastic restore), guard (the
+    collapse guard), fusion and shift_reset each drop their own part.
     """
 
     name = "full"
@@ -282,7 +290,7 @@ class Full(Method):
         self.erda = (T.ErdaSoftLoss(a.weight_erda, a.erda_tau, a.erda_lambda, a.prototype_momentum,
                                     self.num_classes, student.image.feature_dim, student.range.feature_dim, dev)
                      if on["erda"] else None)
-        self.terms = [T.ReliableCE(a.weight_ce, a.ce_class_balanced)]
+        self.terms = [T.ReliableCE(a.weight_ce, a.ce_class_balanced)] if on["ce"] else []
         if on["negative"]:
             self.terms.append(T.NegativeLearning(a.weight_negative, a.negative_max_prob, a.negative_rounds))
         if self.erda is not None:
@@ -291,6 +299,10 @@ class Full(Method):
             self.terms.append(T.CrossModalKL(a.weight_xm))
         if on["entropy"]:
             self.terms.append(T.FusedEntropy(a.weight_entropy))
+        if not any(on[c] for c in ("ce", "erda", "xm", "entropy")):
+            # negative learning alone has nothing to learn after its rounds on a frame
+            raise ConfigError("adapt.method full needs one of the loss terms ce, erda, xm, entropy "
+                              f"(on: {', '.join(a.components()) or 'none'})")
         self.guard = (CollapseGuard(self.num_classes, a.collapse_window, a.collapse_max_class_share,
                                     a.collapse_max_disagreement) if on["guard"] else None)
         needs_shift = on["fusion"] or on["shift_reset"]

@@ -261,8 +261,8 @@ def parse_grid(data: Any, *, path: str | Path = "<grid>", root: str | Path = "."
             cfg = grid.method_config(m)
         except ConfigError as exc:
             raise GridError(f"method {m!r}: {exc}") from exc
-        if cfg.adapt.disable and cfg.adapt.method != "full":
-            raise GridError(f"method {m!r}: adapt.disable applies to adapt.method full only, "
+        if (cfg.adapt.disable or cfg.adapt.enable) and cfg.adapt.method != "full":
+            raise GridError(f"method {m!r}: adapt.disable / adapt.enable apply to adapt.method full only, "
                             f"not {cfg.adapt.method}")
     return grid
 
@@ -590,11 +590,12 @@ def _summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _reference(grid: Grid, method: str, configs: Mapping[str, dict[str, Any]]) -> str | None:
     """The ``full`` method an ablation is measured against: the method whose settings equal
-    ``method``'s with adapt.disable empty (None when ``method`` is no ablation or has none)."""
+    ``method``'s with adapt.disable and adapt.enable empty (None when ``method`` is no ablation
+    or has none)."""
     flat = configs[method]
-    if flat["adapt.method"] != "full" or not flat["adapt.disable"]:
+    if flat["adapt.method"] != "full" or not (flat["adapt.disable"] or flat["adapt.enable"]):
         return None
-    want = {**flat, "adapt.disable": []}
+    want = {**flat, "adapt.disable": [], "adapt.enable": []}
     return next((m for m in grid.methods if m != method and configs[m] == want), None)
 
 
@@ -646,9 +647,16 @@ def merge(grid: Grid, cells: Sequence[Cell], status: Mapping[str, Mapping[str, A
             ref = _reference(grid, m, configs)
             if ref is None:
                 continue
-            effect = paired_differences(value(ref, "fused"), value(m, "fused"))
+            # what the changed components add: reference - method for a removed one, method -
+            # reference for an added one (positive: the component helps)
+            removed, added = list(configs[m]["adapt.disable"]), list(configs[m]["adapt.enable"])
+            effect = (paired_differences(value(ref, "fused"), value(m, "fused")) if removed and not added
+                      else paired_differences(value(m, "fused"), value(ref, "fused")) if added and not removed
+                      else None)
+            if effect is None:
+                continue  # both ways at once: no single component's effect
             ablations.setdefault(kind, {})[m] = {
-                "reference": ref, "removed": list(configs[m]["adapt.disable"]),
+                "reference": ref, "removed": removed, "added": added,
                 "streams": {s: mean_std(v for (ss, _), v in effect.items() if ss == s) for s in names},
                 "mean_over_streams": mean_over_streams(effect, names, grid.seeds)}
 
@@ -838,12 +846,14 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             lines.append(f"| {m} | " + " | ".join(cells) + f" | {_fmt(mo['2d'], n)} / {_fmt(mo['3d'], n)} |")
         abl = results["ablations"].get(kind)
         if abl:
-            lines += ["", "### ablations: what the removed components add (full − method, fused, paired by "
-                      "stream and seed; positive: the component helps)", "",
-                      "| method | removed | " + " | ".join(streams) + " | mean over streams |",
+            lines += ["", "### ablations: what each component adds (fused; full − method for a removed one, "
+                      "method − full for an added one; paired by stream and seed; positive: the component "
+                      "helps)", "",
+                      "| method | component | " + " | ".join(streams) + " | mean over streams |",
                       "|---|---" + "|---" * (len(streams) + 1) + "|"]
             for m, a in abl.items():
-                lines.append(f"| {m} (vs {a['reference']}) | {', '.join(a['removed'])} | "
+                changed = [f"−{c}" for c in a["removed"]] + [f"+{c}" for c in a.get("added", [])]
+                lines.append(f"| {m} (vs {a['reference']}) | {', '.join(changed)} | "
                              + " | ".join(_fmt(a["streams"][s], n, 2, sign=True) for s in streams)
                              + f" | {_fmt(a['mean_over_streams'], n, 2, sign=True)} |")
         lines += _pseudo_label_table(results, streams, methods)

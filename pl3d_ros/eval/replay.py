@@ -252,6 +252,7 @@ def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_di
         "seed": opts.seed, "backend": backend.describe(),
         "steps_per_frame": cfg.adapt.steps_per_frame if opts.mode == "lockstep" else None,
         "disabled_components": list(cfg.adapt.disable) if method == "full" else [],
+        "components": cfg.adapt.components(),
         "adapt_steps": health.steps if health else 0, "weight_swaps": int(backend.swaps),
         "adapter_errors": health.errors if health else 0,
         "restores": {"collapse": health.collapse_restores if health else 0,
@@ -320,8 +321,8 @@ def markdown_report(metrics: dict[str, Any], names: list[str] | tuple[str, ...])
     """The human-readable page of one replay."""
     lines = [f"# Replay: {metrics['label']} on {metrics['input']}", "",
              f"- checkpoint: `{metrics['checkpoint']}`",
-             f"- method: {metrics['method']}" + (f" (without {', '.join(metrics['disabled_components'])})"
-                                                 if metrics["disabled_components"] else ""),
+             f"- method: {metrics['method']}" + (f" (components: {', '.join(metrics['components'])})"
+                                                 if metrics.get("components") else ""),
              f"- corruption: {metrics['corruption']}; mode: {metrics['mode']}"
              + (f", {metrics['steps_per_frame']} adaptation step(s) per frame" if metrics["steps_per_frame"] else ""),
              f"- frames: {metrics['frames_processed']} labelled, {metrics['frames_scored']} scored"

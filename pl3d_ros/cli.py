@@ -201,10 +201,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
     grid = load_grid(args.grid).select(methods=names(args.only_methods), streams=names(args.only_streams),
                                        seeds=seeds, max_frames=args.max_frames, model=args.model)
-    results = run_grid(grid, args.out, workers=args.workers, address=args.address, cache=args.cache)
+    results = run_grid(grid, args.out, workers=args.workers, address=args.address, cache=args.cache,
+                       run=not args.merge_only)
     print((Path(args.out) / "results.md").read_text())
     c = results["counts"]
-    print(f"{c['cells']} cells: {c['ran']} ran, {c['resumed']} resumed, {c['failed']} failed; "
+    print(f"{c['cells']} cells: {c['ran']} ran, {c['resumed']} resumed, {c['failed']} failed, "
+          f"{c['missing']} missing; "
           f"results: {Path(args.out) / 'results.md'}, {Path(args.out) / 'results.json'}")
     return 1 if c["failed"] else 0  # scripts see a grid with failed cells
 
@@ -586,6 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "~/.cache/pl3d_ros/bench)")
     p.add_argument("--max-frames", type=int, default=None, help="cap every stream at N frames")
     p.add_argument("--only-methods", default=None, help="comma list of the grid's methods to run")
+    p.add_argument("--merge-only", action="store_true",
+                   help="run nothing: merge the cells already done under --out (the others count as missing)")
     p.add_argument("--only-streams", default=None, help="comma list of the grid's streams to run")
     p.add_argument("--seeds", default=None, help="comma list of seeds instead of the grid's")
     p.add_argument("--model", default=None, help="checkpoint for every stream instead of the grid's")

@@ -230,7 +230,7 @@ def test_merge_means_ablations_windows_and_report(tmp_path):
     assert w["methods"]["full"]["min_minus_source"]["value"] > 0  # better in every window here
     assert r["summary"]["drive"]["full"]["adaptation_ms_p50"]["mean"] == 100.0
     assert r["summary"]["drive"]["full"]["pseudo_labels"]["base"]["precision"]["mean"] == 60.0
-    assert r["counts"] == {"cells": 12, "ran": 0, "resumed": 11, "failed": 1}
+    assert r["counts"] == {"cells": 12, "ran": 0, "resumed": 11, "failed": 1, "missing": 0}
     md = render_markdown(r)
     assert "| full | 32.0 ± 2.8 | 14.0 ± 1.4 | 23.0 ± 0.7 |" in md
     assert "+2.50 ± 2.12" in md and "boom" in md and "min over windows of (method − source)" in md
@@ -275,7 +275,7 @@ def test_smoke_grid_runs_two_cells_on_ray_then_resumes(tmp_path, capsys):
     grid = load_grid(GRIDS / "smoke.yaml").select(model=str(ckpt))
     out, cache = tmp_path / "out", tmp_path / "cache"
     r = run_grid(grid, out, workers=2, cache=cache, progress=False)
-    assert r["counts"] == {"cells": 2, "ran": 2, "resumed": 0, "failed": 0}, r["cells"]
+    assert r["counts"] == {"cells": 2, "ran": 2, "resumed": 0, "failed": 0, "missing": 0}, r["cells"]
     assert r["ray"]["started"] and r["ray"]["workers"] == 2 and r["ray"]["bags_simulated"] == 2
     assert {c["method"]: c["adapt_steps"] for c in r["cells"]} == {"source": 0, "tent": 4}
     assert all(c["frames"] == 4 for c in r["cells"])  # 2 fog + 2 night frames, one stream
@@ -307,3 +307,17 @@ def test_an_added_component_counts_method_minus_full(tmp_path):
     assert abl["full+mt"]["added"] == ["mt"] and abl["full+mt"]["streams"]["drive"]["mean"] == pytest.approx(-3.0)
     assert abl["full-mla"]["streams"]["drive"]["mean"] == pytest.approx(1.0)
     assert "| +mt |" in render_markdown(r) and "| −mla |" in render_markdown(r)
+
+
+def test_merge_only_runs_nothing_and_counts_the_missing_cells(tmp_path):
+    from pl3d_ros.eval.bench import run_grid
+
+    grid = parse_grid(base_spec(), root=tmp_path)
+    out = tmp_path / "out"
+    for m, v in {"source": 20.0, "full": 30.0}.items():
+        _fake_cell(grid, out, "drive", m, 0, v, good=0.5)
+    r = run_grid(grid, out, progress=False, run=False)
+    assert not r["ray"]["started"]
+    assert r["counts"] == {"cells": 6, "ran": 0, "resumed": 2, "failed": 0, "missing": 4}
+    assert r["summary"]["drive"]["full"]["fused"]["mean"] == 30.0
+    assert (out / "results.md").is_file()

@@ -64,7 +64,7 @@ import sys
 import time
 import traceback
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -148,12 +148,13 @@ class Grid:
     def cells(self, out: str | Path) -> list[Cell]:
         """Every cell, ordered stream, method, seed, with its folder under ``out``/cells."""
         out = Path(out)
+        configs = {m: self.method_config(m).flat() for m in self.methods}
         return [Cell(stream=s.name, method=m, seed=k, kind=s.kind,
                      out_dir=str(out / "cells" / s.name / m / f"seed{k}"),
                      inputs=s.inputs, bags=tuple(s.bags(k, self.max_frames)) if s.kind == "sim" else (),
                      corrupt=s.corrupt, checkpoint=s.model, settings=self.method_settings(m),
                      max_frames=self.max_frames, mode=self.mode,
-                     stream_identity=s.identity(k, self.max_frames))
+                     stream_identity=s.identity(k, self.max_frames), config=configs[m])
                 for s in self.streams for m in self.methods for k in self.seeds]
 
     def describe(self) -> dict[str, Any]:
@@ -275,7 +276,9 @@ class Cell:
 
     inputs: the real stream's recordings (a sim cell gets its bags' paths as task arguments);
     bags: the sim domains it plays; settings: the dotted overrides of its Config; out_dir: its
-    folder; stream_identity: what the stream plays (``StreamSpec.identity``)."""
+    folder; stream_identity: what the stream plays (``StreamSpec.identity``); config: every
+    setting the cell runs with, defaults included (Config.flat), so that a cell run before a
+    default changed is not taken for done."""
 
     stream: str
     method: str
@@ -290,6 +293,7 @@ class Cell:
     max_frames: int | None
     mode: str
     stream_identity: Mapping[str, Any]
+    config: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -299,7 +303,8 @@ class Cell:
         """What this cell plays and with what, as cell.json holds it (JSON-normalised)."""
         return json.loads(json.dumps({
             **self.stream_identity, "method": self.method, "seed": self.seed,
-            "settings": dict(sorted(self.settings.items())), "checkpoint": self.checkpoint or "(bundled)",
+            "settings": dict(sorted(self.settings.items())), "config": dict(sorted(self.config.items())),
+            "checkpoint": self.checkpoint or "(bundled)",
             "checkpoint_sha256": file_digest(self.checkpoint),
             "max_frames": self.max_frames, "mode": self.mode}))
 
@@ -462,10 +467,11 @@ def _run_on_ray(todo: list[Cell], cache: Path, workers: int | None, address: str
 
 
 def run_grid(grid: Grid, out: str | Path, *, workers: int | None = None, address: str | None = None,
-             cache: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+             cache: str | Path | None = None, progress: bool = True, run: bool = True) -> dict[str, Any]:
     """Run every cell of ``grid`` not done yet under ``out`` (Ray is started only when there is
     one), then merge everything into OUT/results.json, results.md and plots; returns the results
-    dict (``counts``: cells ran / resumed / failed)."""
+    dict (``counts``: cells ran / resumed / failed). run=False merges the cells already done and
+    runs nothing (the others count as missing)."""
     if workers is not None and workers < 1:
         raise GridError(f"--workers must be at least 1, got {workers}")
     out = Path(out).resolve()
@@ -483,6 +489,10 @@ def run_grid(grid: Grid, out: str | Path, *, workers: int | None = None, address
         print(f"bench {grid.name}: {len(status)} of {len(cells)} cells already done in {out}, skipped",
               file=sys.stderr)
     ray_info: dict[str, Any] = {"started": False}
+    if todo and not run:
+        if progress:
+            print(f"bench {grid.name}: merge only, {len(todo)} cells not run", file=sys.stderr)
+        todo = []
     if todo:
         ray_info = {"started": True, **_run_on_ray(todo, cache_root(cache).resolve(), workers, address,
                                                    status, progress)}
@@ -662,7 +672,8 @@ def merge(grid: Grid, cells: Sequence[Cell], status: Mapping[str, Mapping[str, A
 
     windows = _windows(grid, confusions, _source_method(configs))
     plots = _plots(grid, running, windows, out / "plots")
-    counts = {"cells": len(cells), **{s: sum(r["status"] == s for r in rows) for s in ("ran", "resumed", "failed")}}
+    counts = {"cells": len(cells), **{s: sum(r["status"] == s for r in rows)
+                                      for s in ("ran", "resumed", "failed", "missing")}}
     return {"grid": grid.describe(), "out": str(out), "counts": counts, "cells": rows, "summary": summary,
             "kinds": kinds, "ablations": ablations, "windows": windows, "plots": plots,
             "source_method": _source_method(configs)}

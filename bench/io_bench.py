@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pl3d_ros.io import ros_msgs
+from pl3d_ros.io import point_cloud2, ros_msgs
 from pl3d_ros.io.bag import BagReader, typestore
 from pl3d_ros.io.kitti import KittiSequence, sequence_to_bag
 
@@ -62,12 +62,13 @@ def main() -> None:
     header = ros_msgs.make_header(factory, 1, "velodyne")
 
     def to_msg():
-        return ros_msgs.make_cloud(factory, header, ros_msgs.points_cloud_array(points, {"label": labels}))
+        return ros_msgs.make_cloud(factory, header, point_cloud2.points_cloud_array(points, {"label": labels}))
 
     msg = to_msg()
     raw = ts.serialize_cdr(msg, msg.__msgtype__)
     rows.append((f"numpy -> PointCloud2 ({n} pts)", *timeit(to_msg, 20 * args.repeat)))
-    rows.append((f"PointCloud2 -> numpy ({n} pts)", *timeit(lambda: ros_msgs.cloud_to_points(msg), 20 * args.repeat)))
+    rows.append((f"PointCloud2 -> numpy ({n} pts)",
+                 *timeit(lambda: point_cloud2.cloud_to_points(msg), 20 * args.repeat)))
     rows.append(("CDR serialise PointCloud2", *timeit(lambda: ts.serialize_cdr(msg, msg.__msgtype__), 20 * args.repeat)))
     rows.append(("CDR deserialise PointCloud2", *timeit(lambda: ts.deserialize_cdr(raw, msg.__msgtype__), 20 * args.repeat)))
     data = bytes(msg.data)

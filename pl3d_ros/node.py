@@ -10,8 +10,8 @@ the tests run: ``app.py`` (segmenter, adapter, weight deployer), ``runner.py`` (
 thread, latest-frame slot), ``health.py`` (diagnostics), ``cpu_budget.py`` (threads and
 priorities), ``ros_params.py`` (parameters from the settings' declarations, QoS presets),
 ``io/extrinsics.py`` (tf2 cache), ``io/odometry.py`` (odometry poses: validation, counts),
-``io/frames.py`` (messages -> Frame, Prediction -> output clouds) and ``io/ros_msgs.py`` (every
-message layout).
+``io/frames.py`` (messages -> Frame, Prediction -> output clouds), ``io/point_cloud2.py``
+(PointCloud2 layouts) and ``io/ros_msgs.py`` (every other message layout, the builders).
 
 Threads: a SingleThreadedExecutor runs the subscriptions (the synchronizer callback only converts
 a synced set into a Frame and puts it in the runner's depth-1 slot), the tf2 retry timer, the
@@ -66,8 +66,9 @@ from pl3d_ros.guard import CallbackGuard
 from pl3d_ros.health import FrameTiming
 from pl3d_ros.io.extrinsics import Extrinsics
 from pl3d_ros.io.frames import frame_from_messages, output_arrays
+from pl3d_ros.io.msg_common import MessageError
 from pl3d_ros.io.odometry import OdometryPoses
-from pl3d_ros.io.ros_msgs import MessageError, MessageFactory, make_cloud, make_header
+from pl3d_ros.io.ros_msgs import MessageFactory, make_cloud, make_header
 from pl3d_ros.ros_logging import bridge_logging
 from pl3d_ros.ros_params import config_from_parameters, parameter_specs, qos_settings
 from pl3d_ros.runner import Runner, RunnerSettings

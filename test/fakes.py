@@ -271,7 +271,7 @@ def write_synthetic_bag(path, n: int = 3, *, labels: bool = True, image_offset_n
     that disagree with the images."""
     import dataclasses
 
-    from pl3d_ros.io import ros_msgs
+    from pl3d_ros.io import point_cloud2, ros_msgs
     from pl3d_ros.io.bag import BagWriter
     from pl3d_ros.transforms import invert
 
@@ -288,7 +288,7 @@ def write_synthetic_bag(path, n: int = 3, *, labels: bool = True, image_offset_n
             w.write(w.topics.image, ros_msgs.make_image(fac, header, f.image), cam_stamp)
             w.write(w.topics.camera_info, ros_msgs.make_camera_info(fac, header, camera), cam_stamp)
             extra = {"label": f.labels.astype(np.uint32)} if labels else {}
-            cloud = ros_msgs.points_cloud_array(f.points, extra)
+            cloud = point_cloud2.points_cloud_array(f.points, extra)
             # logged in frame order, header stamped as asked (a recorder sees them in this order)
             w.write(w.topics.cloud, ros_msgs.make_cloud(fac, ros_msgs.make_header(fac, cloud_stamp, "velodyne"),
                                                         cloud), f.stamp_ns)

@@ -6,7 +6,7 @@ Add a case by appending one line to ``CASES``:
     Case("<kind>/<what>", <kind>, <builder>, <ErrorClass or None>, "<regex the message matches>",
          check=<for handled cases: fn(result, logs) asserting nothing was lost>)
 
-``kind`` picks the code under test (``RUNNERS``): ``cloud`` (ros_msgs.cloud_to_points),
+``kind`` picks the code under test (``RUNNERS``): ``cloud`` (point_cloud2.cloud_to_points),
 ``cloud_frame`` (cloud_to_points then Frame), ``image`` (image_to_rgb), ``camera_info``
 (camera_model_from_info), ``frame`` (Frame(**kwargs)), ``tf`` (tf_message_transforms), ``bag``
 (BagReader(path): all frames, then its stats), ``checkpoint`` (load_checkpoint(path)),
@@ -37,9 +37,12 @@ import pytest
 from pl3d_ros.config import Config, ConfigError, TrainingConfig
 from pl3d_ros.eval.replay import ReplayError
 from pl3d_ros.frame import CameraModel, Frame, FrameError
+from pl3d_ros.io import point_cloud2 as pc2
 from pl3d_ros.io import ros_msgs as rm
 from pl3d_ros.io.bag import BagError, BagReader, BagWriter
-from pl3d_ros.io.ros_msgs import CloudError, ImageError, MessageError
+from pl3d_ros.io.msg_common import MessageError
+from pl3d_ros.io.point_cloud2 import CloudError
+from pl3d_ros.io.ros_msgs import ImageError
 from pl3d_ros.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 NS = types.SimpleNamespace
@@ -132,7 +135,7 @@ class Ctx:
                 if info:
                     w.write("/camera/camera_info", rm.make_camera_info(f, hdr_c, cam), ns)
                 pts = rng.uniform(1, 30, (n, 4)).astype(np.float32)
-                arr = rm.points_cloud_array(pts, {"label": np.full(n, i, np.uint32)})
+                arr = pc2.points_cloud_array(pts, {"label": np.full(n, i, np.uint32)})
                 msg = rm.make_cloud(f, hdr_l, arr) if cloud_fn is None else cloud_fn(f, hdr_l, arr, i)
                 w.write("/lidar/points", msg, ns)
         return path
@@ -387,7 +390,7 @@ def _run_bag(path: Path) -> tuple[list[Frame], Any]:
 
 
 def _run_cloud_frame(msg: Any) -> Frame:
-    pts, _ = rm.cloud_to_points(msg)
+    pts, _ = pc2.cloud_to_points(msg)
     return Frame(1, pts, np.zeros((H, W, 3), np.uint8), CAM)
 
 
@@ -428,7 +431,7 @@ def _tiny(model_cfg):
 
 
 RUNNERS: dict[str, Callable[[Any], Any]] = {
-    "cloud": rm.cloud_to_points,
+    "cloud": pc2.cloud_to_points,
     "cloud_frame": _run_cloud_frame,
     "image": rm.image_to_rgb,
     "camera_info": lambda msg: rm.camera_model_from_info(msg, np.eye(4)),

@@ -13,8 +13,9 @@ import pytest
 import yaml
 
 from pl3d_ros import registry
-from pl3d_ros.eval.bench import (Grid, GridError, load_grid, mean_over_streams, mean_std, merge, paired_differences,
-                                 parse_grid, render_markdown, run_cell, window_miou, window_ranges)
+from pl3d_ros.eval.bench import Grid, GridError, load_grid, parse_grid, run_cell
+from pl3d_ros.eval.bench_results import (mean_over_streams, mean_std, merge, paired_differences, render_markdown,
+                                         window_miou, window_ranges)
 from pl3d_ros.eval.corruptions import available
 from pl3d_ros.eval.metrics import ConfusionMatrix
 

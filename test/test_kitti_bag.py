@@ -91,7 +91,7 @@ SEC = 1_000_000_000
 
 def write_bag(path, events, tf=True, image_size=(W, H)):
     """events: (stamp_s, kind) in log order; kind is cloud, image, info or frame (all three)."""
-    from pl3d_ros.io import ros_msgs
+    from pl3d_ros.io import point_cloud2, ros_msgs
 
     rng = np.random.default_rng(0)
     with BagWriter(path) as w:
@@ -105,7 +105,7 @@ def write_bag(path, events, tf=True, image_size=(W, H)):
                 log_ns += 1000
                 if k == "cloud":
                     pts = rng.normal(size=(50, 4)).astype(np.float32)
-                    arr = ros_msgs.points_cloud_array(pts, {"label": np.full(50, round(t * 10), np.uint32)})
+                    arr = point_cloud2.points_cloud_array(pts, {"label": np.full(50, round(t * 10), np.uint32)})
                     w.write("/lidar/points", ros_msgs.make_cloud(f, ros_msgs.make_header(f, ns, "lidar"), arr), log_ns)
                 elif k == "image":
                     img = np.full((image_size[1], image_size[0], 3), 7, np.uint8)

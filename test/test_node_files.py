@@ -321,7 +321,7 @@ def test_static_extrinsics_and_frame_overrides():
 
 def test_output_arrays_only_what_is_wanted():
     from pl3d_ros.frame import CameraModel, Frame, Prediction
-    from pl3d_ros.io.ros_msgs import unpack_rgb
+    from pl3d_ros.io.point_cloud2 import unpack_rgb
     from pl3d_ros.labels import load_class_set
 
     n = 5
@@ -499,7 +499,7 @@ def test_node_glue_on_stub_ros(monkeypatch, request, synthetic_bag, tmp_path):
     QoS presets applied, synced messages -> Frame -> runner -> both output clouds and the debug
     topics, tf2 lookup on the timer, services and diagnostics."""
     from fakes import header, small_model
-    from pl3d_ros.io import ros_msgs
+    from pl3d_ros.io import point_cloud2, ros_msgs
     from pl3d_ros.models.checkpoint import save_checkpoint
     from pl3d_ros.transforms import invert
 
@@ -550,7 +550,7 @@ def test_node_glue_on_stub_ros(monkeypatch, request, synthetic_bag, tmp_path):
     seg = published["~/output/pointcloud/segmentation"][0]
     vis = published["~/output/pointcloud/visualization"][0]
     assert isinstance(seg.data, array.array) and seg.data.typecode == "B"
-    arr = ros_msgs.cloud_to_array(vis)
+    arr = point_cloud2.cloud_to_array(vis)
     assert arr.dtype.names == ("x", "y", "z", "intensity", "label", "confidence", "rgb")
     assert seg.header.frame_id == lidar_frame and arr.shape[0] == synced[2].width * synced[2].height
     assert ros_msgs.stamp_to_ns(seg.header) == ros_msgs.stamp_to_ns(synced[2].header)

@@ -14,7 +14,7 @@ from scipy.spatial import cKDTree
 from conftest import kitti_sequence_dir
 from pl3d_ros.config import Config
 from pl3d_ros.frame import CameraModel, Frame, FrameError
-from pl3d_ros.io import ros_msgs
+from pl3d_ros.io import point_cloud2, ros_msgs
 from pl3d_ros.io.bag import BagReader, BagWriter, typestore
 from pl3d_ros.io.kitti import LIDAR_FRAME, KittiError, KittiSequence, read_calib, read_poses
 from pl3d_ros.io.odometry import ODOM_FRAME, OdometryPoses, TfHistory, interpolate_transform
@@ -163,7 +163,7 @@ def _tf_only_bag(path, cloud_times_s, tf_times_s, *, extrinsics_on_tf=True):
             h = ros_msgs.make_header(f, ns, "cam")
             w.write("/camera/image_raw", ros_msgs.make_image(f, h, np.zeros((6, 8, 3), np.uint8)), ns)
             w.write("/camera/camera_info", ros_msgs.make_camera_info(f, h, cam), ns)
-            arr = ros_msgs.points_cloud_array(rng.normal(size=(20, 4)).astype(np.float32), {})
+            arr = point_cloud2.points_cloud_array(rng.normal(size=(20, 4)).astype(np.float32), {})
             w.write("/lidar/points", ros_msgs.make_cloud(f, ros_msgs.make_header(f, ns, "lidar"), arr), ns)
     return path, T_base_lidar, T_lidar_cam
 

@@ -1,4 +1,4 @@
-"""The sensor_msgs_py point_cloud2 test cases, ported to pl3d_ros.io.ros_msgs on rosbags messages.
+"""The sensor_msgs_py point_cloud2 test cases, ported to pl3d_ros.io.point_cloud2 on rosbags messages.
 
 Source: ros2/common_interfaces, sensor_msgs_py/test/test_point_cloud2.py (rolling). Same clouds,
 same assertions, through this package's API instead of sensor_msgs_py's, on messages of the
@@ -27,6 +27,7 @@ from numpy.lib.recfunctions import structured_to_unstructured, unstructured_to_s
 from rosbags.typesys import Stores, get_typestore
 
 from pl3d_ros.frame import CameraModel, Frame
+from pl3d_ros.io import point_cloud2 as pc2
 from pl3d_ros.io import ros_msgs as rm
 
 STORES = {"humble": Stores.ROS2_HUMBLE, "jazzy": Stores.ROS2_JAZZY}
@@ -120,18 +121,18 @@ def pcd6(ts):
 # ------------------------------------------------------------------------------------ reading
 
 def test_read_points(pcd):
-    assert np.allclose(structured_to_unstructured(rm.cloud_to_array(pcd)), pylist, equal_nan=True)
+    assert np.allclose(structured_to_unstructured(pc2.cloud_to_array(pcd)), pylist, equal_nan=True)
 
 
 def test_read_points_field(pcd):
-    selected = structured_to_unstructured(rm.cloud_to_array(pcd)[["x", "z"]])
+    selected = structured_to_unstructured(pc2.cloud_to_array(pcd)[["x", "z"]])
     assert selected.shape == points[:, [0, 2]].shape
     assert np.allclose(selected, points[:, [0, 2]], equal_nan=True)
 
 
 def test_read_points_skip_nan(pcd):
     """Upstream: read_points(skip_nans=True). Here a Frame drops the NaN point."""
-    xyzi, _ = rm.cloud_to_points(pcd)
+    xyzi, _ = pc2.cloud_to_points(pcd)
     cam = CameraModel(np.array([[10.0, 0, 1.5], [0, 10.0, 1.5], [0, 0, 1]]), 4, 4)
     frame = Frame(1, xyzi, np.zeros((4, 4, 3), np.uint8), cam)
     points_nonan = points[~np.any(np.isnan(points), axis=1)]
@@ -140,18 +141,18 @@ def test_read_points_skip_nan(pcd):
 
 
 def test_read_points_list(pcd):
-    assert np.allclose(np.array(rm.cloud_to_array(pcd).tolist()), points, equal_nan=True)
+    assert np.allclose(np.array(pc2.cloud_to_array(pcd).tolist()), points, equal_nan=True)
 
 
 def test_read_points_organized(pcd3):
-    assert np.allclose(structured_to_unstructured(rm.cloud_to_array(pcd3)), pylist, equal_nan=True)
-    organized = rm.cloud_to_array(pcd3, organized=True)
+    assert np.allclose(structured_to_unstructured(pc2.cloud_to_array(pcd3)), pylist, equal_nan=True)
+    organized = pc2.cloud_to_array(pcd3, organized=True)
     assert organized.shape == (2, 3)  # (height, width)
     assert np.allclose(structured_to_unstructured(organized), points3, equal_nan=True)
 
 
 def test_read_points_numpy(pcd):
-    xyzi, extra = rm.cloud_to_points(pcd)
+    xyzi, extra = pc2.cloud_to_points(pcd)
     assert np.allclose(xyzi[:, :3], points, equal_nan=True) and extra == {}
     assert not xyzi[:, 3].any()  # no intensity field: zeros
 
@@ -159,33 +160,33 @@ def test_read_points_numpy(pcd):
 def test_read_points_numpy_same_types(pcd4):
     """Upstream: read_points_numpy asserts one dtype for all fields. Mixed types read fine here;
     what cloud_to_points needs is x, y, z, and it says which fields the cloud has instead."""
-    assert rm.cloud_to_array(pcd4).dtype.names == ("a", "b", "c")
-    with pytest.raises(rm.CloudError, match=r"no x, y, z field\(s\); fields present: \['a', 'b', 'c'\]"):
-        rm.cloud_to_points(pcd4)
+    assert pc2.cloud_to_array(pcd4).dtype.names == ("a", "b", "c")
+    with pytest.raises(pc2.CloudError, match=r"no x, y, z field\(s\); fields present: \['a', 'b', 'c'\]"):
+        pc2.cloud_to_points(pcd4)
 
 
 def test_read_points_numpy_specific_fields(pcd6):
-    assert structured_to_unstructured(rm.cloud_to_array(pcd6)[["a", "b"]]).shape == (6, 2)
+    assert structured_to_unstructured(pc2.cloud_to_array(pcd6)[["a", "b"]]).shape == (6, 2)
 
 
 def test_read_points_different_types(pcd4):
-    arr = rm.cloud_to_array(pcd4)
+    arr = pc2.cloud_to_array(pcd4)
     assert all(np.allclose(arr[name], struct_points[name], equal_nan=True)
                for name in struct_points.dtype.names)
     assert arr.dtype == struct_points.dtype
 
 
 def test_read_points_non_one_count(pcd5):
-    arr = rm.cloud_to_array(pcd5)
+    arr = pc2.cloud_to_array(pcd5)
     assert np.allclose(arr["x"], points, equal_nan=True)
 
 
 def test_read_points_non_one_count_structured(pcd5):
-    arr = rm.cloud_to_array(pcd5)
+    arr = pc2.cloud_to_array(pcd5)
     assert arr.dtype.names == ("x",) and arr["x"].shape == (6, 3)  # one subarray field
     assert np.allclose(structured_to_unstructured(arr), points, equal_nan=True)
-    with pytest.raises(rm.CloudError, match="no y, z field"):
-        rm.cloud_to_points(pcd5)
+    with pytest.raises(pc2.CloudError, match="no y, z field"):
+        pc2.cloud_to_points(pcd5)
 
 
 def test_read_cloud_with_non_standard_point_step(ts):
@@ -193,7 +194,7 @@ def test_read_cloud_with_non_standard_point_step(ts):
     padded = np.array(unstructured_to_structured(points), dtype=np.dtype(
         {"names": ["x", "y", "z"], "formats": ["<f4"] * 3, "offsets": [0, 4, 8], "itemsize": itemsize}))
     pc = cloud(ts, XYZ, padded.tobytes(), 1, padded.shape[0], itemsize)
-    xyzi, _ = rm.cloud_to_points(pc)
+    xyzi, _ = pc2.cloud_to_points(pc)
     assert np.allclose(points, xyzi[:, :3], equal_nan=True)
 
 
@@ -219,7 +220,7 @@ def test_create_cloud_itemsize(ts, fac):
     """Upstream needs point_step for a padded array; the array's itemsize is the point_step."""
     msg = make(ts, fac, points_end_padding)
     assert msg.point_step == 20 and msg.row_step == 20 * 6
-    assert np.allclose(structured_to_unstructured(rm.cloud_to_array(msg)), points, equal_nan=True)
+    assert np.allclose(structured_to_unstructured(pc2.cloud_to_array(msg)), points, equal_nan=True)
 
 
 def test_create_cloud_different_types(ts, fac, pcd4):
@@ -247,7 +248,7 @@ def test_create_cloud__non_one_count(ts, fac, pcd5):
 
 
 def test_is_dense_only_when_every_float_value_is_finite(ts, fac):
-    arr = rm.points_cloud_array(np.ones((4, 4), np.float32),
+    arr = pc2.points_cloud_array(np.ones((4, 4), np.float32),
                                 {"normal": np.ones((4, 3), np.float32), "ring": np.zeros(4, np.uint16)})
     assert make(ts, fac, arr).is_dense
     for field, index in (("intensity", 2), ("normal", (1, 2))):

@@ -37,7 +37,9 @@ from pl3d_ros.frame import CameraModel, Frame, FrameError, check_rigid
 from pl3d_ros.io import ros_msgs
 from pl3d_ros.io.frames import frame_from_messages
 from pl3d_ros.io.mcap_chunks import ChunkError, McapChunkReader, McapFormatError, add_crcs
+from pl3d_ros.io.msg_common import MessageError
 from pl3d_ros.io.odometry import ODOM_FRAME, TfHistory
+from pl3d_ros.io.point_cloud2 import points_cloud_array
 from pl3d_ros.transforms import TransformError, TransformTree
 
 log = logging.getLogger(__name__)
@@ -196,7 +198,7 @@ class BagWriter:
         cam_header = ros_msgs.make_header(f, stamp_ns, camera_frame)
         self.write(self.topics.image, ros_msgs.make_image(f, cam_header, image), stamp_ns)
         self.write(self.topics.camera_info, ros_msgs.make_camera_info(f, cam_header, camera), stamp_ns)
-        cloud = ros_msgs.points_cloud_array(points, extra_fields or {})
+        cloud = points_cloud_array(points, extra_fields or {})
         lidar_header = ros_msgs.make_header(f, stamp_ns, lidar_frame)
         self.write(self.topics.cloud, ros_msgs.make_cloud(f, lidar_header, cloud), stamp_ns)
 
@@ -426,7 +428,7 @@ class BagReader:
                 continue
             try:
                 transforms = ros_msgs.tf_message_transforms(msg)
-            except ros_msgs.MessageError as exc:
+            except MessageError as exc:
                 log.warning("%s message at %.3f s skipped: %s", conn.topic, log_time * 1e-9, exc)
                 continue
             for stamp, parent, child, T in transforms:
@@ -680,7 +682,7 @@ class BagReader:
                     if history is not None:
                         pose = history.lookup(self.odom_frame, frame.lidar_frame_id, synced.stamp_ns)
                         frame.pose = None if pose is None else check_rigid(pose, "odometry pose")
-                except (FrameError, ros_msgs.MessageError) as exc:
+                except (FrameError, MessageError) as exc:
                     self.stats.bad_frame += 1
                     self.stats.skip_frame("bad_frame", synced.stamp_ns, synced.log_time_ns, str(exc))
                     log.warning("frame at %d s skipped: %s", synced.stamp_ns * 1e-9, exc)

@@ -162,7 +162,8 @@ class OdometryPoses:
         child_frame_id = the LiDAR), or None (counted) when it is not a rigid transform."""
         from types import SimpleNamespace
 
-        from pl3d_ros.io.ros_msgs import MessageError, tf_message_transforms
+        from pl3d_ros.io.msg_common import MessageError
+        from pl3d_ros.io.ros_msgs import tf_message_transforms
 
         try:
             (_, parent, child, T), = tf_message_transforms(

@@ -76,3 +76,24 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# -- ROS message types without ROS (rosbags): one typestore per distro the node supports ---------
+
+ROS_STORES = ("humble", "jazzy")
+
+
+@pytest.fixture(scope="module", params=ROS_STORES)
+def ts(request):
+    """A rosbags typestore of ROS 2 Humble, then Jazzy."""
+    from rosbags.typesys import Stores, get_typestore
+
+    return get_typestore({"humble": Stores.ROS2_HUMBLE, "jazzy": Stores.ROS2_JAZZY}[request.param])
+
+
+@pytest.fixture(scope="module")
+def fac(ts):
+    """The MessageFactory over ``ts``."""
+    from pl3d_ros.io import ros_msgs
+
+    return ros_msgs.rosbags_factory(ts)

@@ -293,3 +293,8 @@ def write_synthetic_bag(path, n: int = 3, *, labels: bool = True, image_offset_n
             w.write(w.topics.cloud, ros_msgs.make_cloud(fac, ros_msgs.make_header(fac, cloud_stamp, "velodyne"),
                                                         cloud), f.stamp_ns)
     return path
+
+
+def cdr(ts, msg):
+    """Serialise a rosbags message to CDR and back, as a bag or DDS would."""
+    return ts.deserialize_cdr(ts.serialize_cdr(msg, msg.__msgtype__), msg.__msgtype__)

@@ -24,13 +24,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from numpy.lib.recfunctions import structured_to_unstructured, unstructured_to_structured
-from rosbags.typesys import Stores, get_typestore
 
 from pl3d_ros.frame import CameraModel, Frame
 from pl3d_ros.io import point_cloud2 as pc2
+from fakes import cdr
 from pl3d_ros.io import ros_msgs as rm
 
-STORES = {"humble": Stores.ROS2_HUMBLE, "jazzy": Stores.ROS2_JAZZY}
 FLOAT32, FLOAT64, UINT8 = 7, 8, 2
 
 pylist = [(0.0, 0.1, 0.2),
@@ -53,20 +52,6 @@ points3 = points.reshape(2, 3, -1)  # organized: 2 rows (height) of 3 points (wi
 dtype_end_padding = np.dtype({"names": ["x", "y", "z"], "formats": ["f4", "f4", "f4"],
                               "offsets": [0, 4, 8], "itemsize": 20})
 points_end_padding = np.array(pylist, dtype=dtype_end_padding)
-
-
-@pytest.fixture(scope="module", params=list(STORES))
-def ts(request):
-    return get_typestore(STORES[request.param])
-
-
-@pytest.fixture(scope="module")
-def fac(ts):
-    return rm.rosbags_factory(ts)
-
-
-def cdr(ts, msg):
-    return ts.deserialize_cdr(ts.serialize_cdr(msg, msg.__msgtype__), msg.__msgtype__)
 
 
 def cloud(ts, fields, data: bytes, height: int, width: int, point_step: int, frame_id="frame"):

@@ -14,29 +14,12 @@ import types
 
 import numpy as np
 import pytest
-from rosbags.typesys import Stores, get_typestore
 
 from pl3d_ros.frame import CameraModel, FrameError
 from pl3d_ros.io import msg_common
 from pl3d_ros.io import point_cloud2 as pc2
+from fakes import cdr
 from pl3d_ros.io import ros_msgs as rm
-
-STORES = {"humble": Stores.ROS2_HUMBLE, "jazzy": Stores.ROS2_JAZZY}
-
-
-@pytest.fixture(scope="module", params=list(STORES))
-def ts(request):
-    return get_typestore(STORES[request.param])
-
-
-@pytest.fixture(scope="module")
-def fac(ts):
-    return rm.rosbags_factory(ts)
-
-
-def cdr(ts, msg):
-    """Serialise to CDR and back, as a bag or DDS would."""
-    return ts.deserialize_cdr(ts.serialize_cdr(msg, msg.__msgtype__), msg.__msgtype__)
 
 
 def assert_struct_equal(a: np.ndarray, b: np.ndarray) -> None:

@@ -9,6 +9,7 @@ import torch
 from fakes import bn_weights, confident_model, header, small_model, synthetic_frame
 from pl3d_ros import registry
 from pl3d_ros.adapt import Adapter, build_method
+from pl3d_ros.adapt import terms as T
 from pl3d_ros.adapt.state import frame_state
 from pl3d_ros.config import AdaptConfig, Config, RefineConfig
 from pl3d_ros.inputs import prepare
@@ -391,3 +392,17 @@ def test_every_n_frames_leaves_frames_out_in_lockstep():
     for i in range(7):
         ad.step(synthetic_frame(i, n=300, seq=i))
     assert ad.health().frames == 3 and ad.health().steps == 3  # frames 0, 3, 6
+
+
+def test_full_mean_teacher_is_a_component_off_by_default():
+    # mt off (the default): momentum 0, the deployed teacher is the student; adapt.enable mt: EMA
+    plain = Config(class_set="xmuda10", adapt=AdaptConfig(disable=["mla"])).validate()
+    assert "mt" not in plain.adapt.components() and "ce" not in plain.adapt.components()
+    m = build_method(plain, confident_model(), header())
+    assert m.models.momentum == 0.0 and not any(isinstance(t, T.ReliableCE) for t in m.terms)
+    mt = plain.replace(**{"adapt.enable": ["mt", "ce"]})
+    m = build_method(mt, confident_model(), header())
+    assert m.models.momentum == mt.adapt.teacher_momentum == 0.999
+    assert any(isinstance(t, T.ReliableCE) for t in m.terms)
+    # the baselines are untouched by full's components
+    assert build_method(plain.replace(**{"adapt.method": "tent"}), confident_model(), header()).models.momentum == 0.0

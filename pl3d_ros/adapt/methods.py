@@ -223,9 +223,6 @@ class PseudoLabel(Method):
         self.labeler = PseudoLabeler(self.num_classes, pl.median_window_frames, pl.confidence_cap)
         self.terms = [T.PseudoLabelCE()]
 
-    def momentum(self, cfg: Config) -> float:
-        return cfg.adapt.teacher_momentum if cfg.adapt.enabled("mt") else 0.0
-
     def reset(self) -> None:
         super().reset()
         self.labeler.reset()
@@ -313,6 +310,10 @@ class Full(Method):
         if on["fusion"]:
             self.fusion_bias = torch.zeros(2, device=dev)
         self.collapses = 0
+
+    def momentum(self, cfg: Config) -> float:
+        """mt off: momentum 0, the teacher is the student after every step (what is deployed)."""
+        return cfg.adapt.teacher_momentum if cfg.adapt.enabled("mt") else 0.0
 
     def reset(self) -> None:
         super().reset()

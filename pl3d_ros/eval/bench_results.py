@@ -353,7 +353,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     if g["description"]:
         lines += [g["description"], ""]
     lines += [f"- grid: `{g['file']}`; {c['cells']} cells ({len(g['streams'])} streams x {len(methods)} methods "
-              f"x {n} seeds): {c['ran']} ran, {c['resumed']} resumed, {c['failed']} failed",
+              f"x {n} seeds): {c['ran']} ran, {c['resumed']} resumed, {c['failed']} failed"
+              + (f", {c['missing']} not run (merge only)" if c.get("missing") else ""),
               f"- seeds {seeds}; mode {g['mode']}; common settings "
               + (", ".join(f"`{k}: {v}`" for k, v in g["settings"].items()) or "none")
               + (f"; max_frames {g['max_frames']}" if g["max_frames"] else ""),

@@ -322,6 +322,9 @@ class AdaptConfig(Section):
         both = sorted(set(self.enable) & set(self.disable))
         if both:
             raise ConfigError(f"adapt.enable and adapt.disable both name {', '.join(both)}")
+        if self.method == "full" and not any(self.enabled(c) for c in ("ce", "negative", "erda", "xm", "entropy")):
+            raise ConfigError("adapt.method full with no loss term: keep one of ce, negative, erda, xm, entropy "
+                              f"(on: {', '.join(self.components()) or 'none'})")
 
     def enabled(self, component: str) -> bool:
         """Whether a component of ``full`` is on (always False for the other methods): on by

@@ -11,7 +11,7 @@ from pl3d_ros import registry
 from pl3d_ros.adapt import Adapter, build_method
 from pl3d_ros.adapt import terms as T
 from pl3d_ros.adapt.state import frame_state
-from pl3d_ros.config import AdaptConfig, Config, RefineConfig
+from pl3d_ros.config import AdaptConfig, Config, ConfigError, RefineConfig
 from pl3d_ros.inputs import prepare
 from pl3d_ros.models.checkpoint import read_header
 
@@ -406,3 +406,13 @@ def test_full_mean_teacher_is_a_component_off_by_default():
     assert any(isinstance(t, T.ReliableCE) for t in m.terms)
     # the baselines are untouched by full's components
     assert build_method(plain.replace(**{"adapt.method": "tent"}), confident_model(), header()).models.momentum == 0.0
+
+
+def test_full_without_entropy_learns_by_negative_learning_alone_and_skips_steps_with_nothing_to_learn():
+    cfg = make_cfg(disable=["entropy"], enable=[], negative_rounds=1, steps_per_frame=2)
+    assert cfg.adapt.components() == ["negative", "restore", "guard", "fusion", "shift_reset"]
+    ad = Adapter(confident_model(), header(), cfg, seed=0)
+    stats = ad.step(synthetic_frame(0))
+    assert "error" not in stats and ad.health().steps == 2  # step 2: no negative round left, no update
+    with pytest.raises(ConfigError, match="no loss term"):
+        make_cfg(disable=["entropy", "negative"], enable=[])

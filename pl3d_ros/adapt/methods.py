@@ -36,7 +36,7 @@ from pl3d_ros.adapt.pseudo_labels import PseudoLabeler
 from pl3d_ros.adapt.reliability import reliability_split
 from pl3d_ros.adapt.state import FrameState, PseudoLabels, StepResult, TeacherOutput
 from pl3d_ros.adapt.teacher import CollapseGuard, TeacherStudent
-from pl3d_ros.config import Config, ConfigError
+from pl3d_ros.config import Config
 from pl3d_ros.inputs import NetworkInputs, PointOutputs, forward_points, point_outputs
 from pl3d_ros.models.checkpoint import CheckpointHeader
 
@@ -142,13 +142,17 @@ class Method:
             if split_fn is not None:
                 split_fn(ctx)
             loss, vals = T.total_loss(self.terms, ctx)
-            total = loss if total is None else total + loss
+            if loss is not None:
+                total = loss if total is None else total + loss
             for k, v in vals.items():
                 values[k] = values.get(k, 0.0) + v / len(states)
             ctxs.append(ctx)
-        if len(states) > 1:
-            total = total / len(states)
-        self._optimise(total)
+        if total is None:  # nothing to learn on these frames: no update at all
+            total = torch.zeros((), device=self.device)
+        else:
+            if len(states) > 1:
+                total = total / len(states)
+            self._optimise(total)
         for st in states:
             st.steps += 1
         return ctxs, total, values
@@ -296,10 +300,6 @@ class Full(Method):
             self.terms.append(T.CrossModalKL(a.weight_xm))
         if on["entropy"]:
             self.terms.append(T.FusedEntropy(a.weight_entropy))
-        if not any(on[c] for c in ("ce", "erda", "xm", "entropy")):
-            # negative learning alone has nothing to learn after its rounds on a frame
-            raise ConfigError("adapt.method full needs one of the loss terms ce, erda, xm, entropy "
-                              f"(on: {', '.join(a.components()) or 'none'})")
         self.guard = (CollapseGuard(self.num_classes, a.collapse_window, a.collapse_max_class_share,
                                     a.collapse_max_disagreement) if on["guard"] else None)
         needs_shift = on["fusion"] or on["shift_reset"]

@@ -179,8 +179,9 @@ class CrossModalKL(LossTerm):
                                      st.teacher.p3[st.in_view])
 
 
-def total_loss(terms: list[LossTerm], ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
-    """sum_t weight_t * loss_t over the terms that apply, in order -> (total, {name: loss_t})."""
+def total_loss(terms: list[LossTerm], ctx: StepContext) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """sum_t weight_t * loss_t over the terms that apply, in order -> (total, {name: loss_t});
+    total None when no term applies (e.g. negative learning alone, after its rounds on a frame)."""
     total: torch.Tensor | None = None
     values: dict[str, float] = {}
     for term in terms:
@@ -190,6 +191,4 @@ def total_loss(terms: list[LossTerm], ctx: StepContext) -> tuple[torch.Tensor, d
         values[term.name] = float(value.detach())
         weighted = value if term.weight == 1.0 else term.weight * value
         total = weighted if total is None else total + weighted
-    if total is None:
-        raise ValueError("no loss term applies to this step")
     return total, values

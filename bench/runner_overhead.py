@@ -155,7 +155,7 @@ class Result:
 
 def run_config(name: str, budget: ThreadBudget, segmenter: Segmenter, frames: list[Frame],
                adapter_factory, seconds: float, rate: float, warmup: int = 3) -> Result:
-    deployer = WeightDeployer(segmenter.backend.swap_weights) if adapter_factory else None
+    deployer = WeightDeployer(segmenter.deploy) if adapter_factory else None
     adapter = adapter_factory(deployer) if adapter_factory else None
     times: list[float] = []
     palette = segmenter.header.class_set

@@ -155,10 +155,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.steps_per_frame:
         changes["adapt.steps_per_frame"] = args.steps_per_frame
     cfg = _config(args, reading=True).replace(**{k: v for k, v in changes.items() if v is not None})
-    if (cfg.adapt.disable or cfg.adapt.enable) and cfg.adapt.method != "full":
-        from pl3d_ros.config import ConfigError
-
-        raise ConfigError("--disable / --enable apply to --method full only")
     opts = ReplayOptions(corrupt=args.corrupt or "", mode=args.mode, seed=args.seed, max_frames=args.max_frames,
                          write_bag=not args.no_bag, label=args.label or "", config=cfg,
                          topics=_read_options(args, cfg).topics)

@@ -319,11 +319,13 @@ class AdaptConfig(Section):
                           choices=("source", "adapted"))
 
     def check(self) -> None:
+        if (self.disable or self.enable) and self.method != "full":
+            raise ConfigError(f"adapt.disable / adapt.enable apply to adapt.method full only, not {self.method}")
         both = sorted(set(self.enable) & set(self.disable))
         if both:
             raise ConfigError(f"adapt.enable and adapt.disable both name {', '.join(both)}")
-        if self.method == "full" and not any(self.enabled(c) for c in ("ce", "negative", "erda", "xm", "entropy")):
-            raise ConfigError("adapt.method full with no loss term: keep one of ce, negative, erda, xm, entropy "
+        if self.method == "full" and not any(self.enabled(c) for c in registry.LOSS_COMPONENTS):
+            raise ConfigError(f"adapt.method full with no loss term: keep one of {', '.join(registry.LOSS_COMPONENTS)} "
                               f"(on: {', '.join(self.components()) or 'none'})")
 
     def enabled(self, component: str) -> bool:

@@ -22,7 +22,8 @@ def make_cfg(refine: bool = False, **adapt) -> Config:
     """The tiny test network's config with every component of full on (the off-by-default ones
     too, so each is exercised). refine=False keeps mask refinement off (no mla, gapp, connectivity)."""
     off = set(adapt.get("disable", [])) | (set() if refine else {"mla", "gapp", "connectivity"})
-    adapt.setdefault("enable", [c for c in registry.OFF_BY_DEFAULT if c not in off])
+    if adapt.get("method", "full") == "full":  # the other methods have no components
+        adapt.setdefault("enable", [c for c in registry.OFF_BY_DEFAULT if c not in off])
     return Config(class_set="xmuda10", adapt=AdaptConfig(**adapt),
                   refine=RefineConfig(mask_provider="superpixel", superpixel_scale=10.0,
                                       superpixel_min_size=20)).validate()
@@ -405,7 +406,8 @@ def test_full_mean_teacher_is_a_component_off_by_default():
     assert m.models.momentum == mt.adapt.teacher_momentum == 0.999
     assert any(isinstance(t, T.ReliableCE) for t in m.terms)
     # the baselines are untouched by full's components
-    assert build_method(plain.replace(**{"adapt.method": "tent"}), confident_model(), header()).models.momentum == 0.0
+    tent = plain.replace(**{"adapt.method": "tent", "adapt.disable": []})
+    assert build_method(tent, confident_model(), header()).models.momentum == 0.0
 
 
 def test_full_without_entropy_learns_by_negative_learning_alone_and_skips_steps_with_nothing_to_learn():

@@ -363,8 +363,7 @@ class Full(Method):
         st["collapse"] = False
 
         base, state.thresholds = self.labeler(teacher.fused)
-        if not self.cfg.pseudo_labels.out_of_view:
-            base = torch.where(state.in_view, base, torch.full_like(base, -1))
+        base = self._viewed(base, state)
         refined, state.component = base, torch.full_like(base, -1)
         if self.refinement is not None and self.refinement.due(state.index):
             refined, state.component, rstats = self.refinement.refine(state, base)
@@ -379,15 +378,20 @@ class Full(Method):
         thresholds, MLA + GAPP again on the frame's stored masks; the connectivity filter and the
         negative classes start over at the frame's next step."""
         state.teacher = teacher_pass(self, state)
-        base = self.labeler.relabel(state.teacher.fused)
-        if not self.cfg.pseudo_labels.out_of_view:
-            base = torch.where(state.in_view, base, torch.full_like(base, -1))
+        base = self._viewed(self.labeler.relabel(state.teacher.fused), state)
         refined, component = base, torch.full_like(base, -1)
         if self.refinement is not None and state.masks is not None:
             refined, component, _ = self.refinement.relabel(state, base)
         state.component = component
         state.labels = PseudoLabels(base, refined)
         state.veto = state.negatives_used = None
+
+    def _viewed(self, base: torch.Tensor, state: FrameState) -> torch.Tensor:
+        """Base labels (N,) without the points outside the camera when pseudo_labels.out_of_view
+        is off (there only the 3D branch votes)."""
+        if self.cfg.pseudo_labels.out_of_view:
+            return base
+        return torch.where(state.in_view, base, torch.full_like(base, -1))
 
     def _filter_components(self, state: FrameState, q_fused: torch.Tensor) -> dict[str, Any]:
         """Connectivity filter (first step on a frame): drop the noisy components' labels and

@@ -246,12 +246,9 @@ def parse_grid(data: Any, *, path: str | Path = "<grid>", root: str | Path = "."
         if "adapt.method" not in grid.method_settings(m):
             raise GridError(f"method {m!r}: set adapt.method (the default would silently be full)")
         try:
-            cfg = grid.method_config(m)
+            grid.method_config(m)
         except ConfigError as exc:
             raise GridError(f"method {m!r}: {exc}") from exc
-        if (cfg.adapt.disable or cfg.adapt.enable) and cfg.adapt.method != "full":
-            raise GridError(f"method {m!r}: adapt.disable / adapt.enable apply to adapt.method full only, "
-                            f"not {cfg.adapt.method}")
     return grid
 
 

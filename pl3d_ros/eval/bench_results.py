@@ -187,11 +187,10 @@ def merge(grid: Grid, cells: Sequence[Cell], status: Mapping[str, Mapping[str, A
             # what the changed components add: reference - method for a removed one, method -
             # reference for an added one (positive: the component helps)
             removed, added = list(configs[m]["adapt.disable"]), list(configs[m]["adapt.enable"])
-            effect = (paired_differences(value(ref, "fused"), value(m, "fused")) if removed and not added
-                      else paired_differences(value(m, "fused"), value(ref, "fused")) if added and not removed
-                      else None)
-            if effect is None:
+            if removed and added:
                 continue  # both ways at once: no single component's effect
+            with_c, without_c = (ref, m) if removed else (m, ref)
+            effect = paired_differences(value(with_c, "fused"), value(without_c, "fused"))
             ablations.setdefault(kind, {})[m] = {
                 "reference": ref, "removed": removed, "added": added,
                 "streams": {s: mean_std(v for (ss, _), v in effect.items() if ss == s) for s in names},

@@ -119,48 +119,51 @@ def prepare(frame: Frame, image_size: tuple[int, int], sensor: RangeImageConfig,
             device: torch.device | str | None = None, executor: Executor | None = None) -> NetworkInputs:
     """Frame -> NetworkInputs for a network with a (width, height) image input and ``sensor``'s
     range image (both from the checkpoint header). ``device``: where the inputs are built and
-    live (None or a CPU: numpy; else ``prepare_on``). ``executor``: the camera half (resize,
-    projection) runs there while the calling thread builds the range image; numpy and torch
-    release the GIL in their loops, so on two idle cores the halves overlap. Results are the
-    same either way."""
+    live (None or a CPU: numpy; else ``prepare_on``). ``executor``: the camera projection runs
+    there while the calling thread resizes the image and builds the range image (about 3.5 ms
+    each for a KITTI frame); numpy and torch release the GIL in their loops, so on two idle cores
+    the halves overlap. Results are the same either way."""
     if device is not None and torch.device(device).type != "cpu":
         return prepare_on(frame, image_size, sensor, device)
-    xyz = frame.points[:, :3].astype(np.float64)  # once for both projections
+    camera, size, offset = fit_camera(frame.camera, *image_size)
     if executor is None:
-        image, camera, in_view, uv = _prepare_camera(frame, image_size, xyz)
+        in_view, uv = _project_camera(frame, camera)
     else:
-        camera_half = executor.submit(_prepare_camera, frame, image_size, xyz)
-    proj3d = range_projection(xyz, sensor)
+        projection = executor.submit(_project_camera, frame, camera)
+    image = _one_thread(resize_crop, frame.image, size, offset, image_size).contiguous()
+    proj3d = range_projection(frame.points, sensor)
     range_image = torch.from_numpy(range_image_channels(frame.points, proj3d)[None])
     rows, cols = torch.from_numpy(proj3d.rows.astype(np.int64)), torch.from_numpy(proj3d.cols.astype(np.int64))
     if executor is not None:
-        image, camera, in_view, uv = camera_half.result()
+        in_view, uv = projection.result()
     return NetworkInputs(image=image, range_image=range_image, rows=rows, cols=cols, uv=torch.from_numpy(uv),
                          in_view=torch.from_numpy(in_view), camera=camera)
 
 
-def _prepare_camera(frame: Frame, image_size: tuple[int, int], xyz: np.ndarray
-                    ) -> tuple[torch.Tensor, CameraModel, np.ndarray, np.ndarray]:
-    """The camera half of ``prepare``: (image (1, 3, H, W), network-input camera, in_view (N,),
-    uv (M, 2)). On one torch thread wherever it runs (see pipeline.one_torch_thread)."""
-    width, height = image_size
-    camera, size, offset = fit_camera(frame.camera, width, height)
+def _project_camera(frame: Frame, camera: CameraModel) -> tuple[np.ndarray, np.ndarray]:
+    """The camera half of ``prepare``: (in_view (N,), uv (M, 2)) in the network-input camera,
+    in float64 (``geometry.project_in_view``)."""
+    return project_in_view(frame.points[:, :3].astype(np.float64), camera)
+
+
+def _one_thread(fn, *args):
+    """``fn(*args)`` on one torch intra-op thread (see pipeline.one_torch_thread; training and
+    the adapter call ``prepare`` outside it)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        image = resize_crop(frame.image, size, offset, (width, height)).contiguous()
+        return fn(*args)
     finally:
         torch.set_num_threads(before)
-    in_view, uv = project_in_view(xyz, camera)
-    return image, camera, in_view, uv
 
 
 # -- the device path: the same inputs computed by torch where the network runs -------------------
 #
-# The arithmetic mirrors geometry.project_points / range_projection operation for operation in
-# float64, so the results agree with the numpy path up to the last bits of the transcendental
-# functions (atan2, asin differ by an ulp between libraries): a point within ~1e-13 of a cell or
-# image border may land on the other side. test_fastpath checks both on CPU tensors.
+# The arithmetic mirrors geometry.project_points (float64) and range_projection (float32)
+# operation for operation, so the results agree with the numpy path up to the last bits of the
+# transcendental functions (atan2, asin differ by an ulp between libraries): a point within an
+# ulp of a cell or image border may land on the other side. test_fastpath checks both on CPU
+# tensors.
 
 
 def _project_in_view_t(xyz: torch.Tensor, camera: CameraModel, min_depth: float = 0.1
@@ -191,31 +194,31 @@ def _project_in_view_t(xyz: torch.Tensor, camera: CameraModel, min_depth: float 
 _EMPTY_KEY_T = torch.iinfo(torch.int64).max
 
 
-def _range_image_t(points: torch.Tensor, xyz: torch.Tensor, sensor: RangeImageConfig
+def _range_image_t(points: torch.Tensor, sensor: RangeImageConfig
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Torch twin of ``geometry.range_projection`` + ``range_image_channels``: (N, 4) float32
-    points and their (N, 3) float64 xyz -> (range_image (5, rows, cols) float32, rows (N,) int64,
-    cols (N,) int64). Nearest point per cell as ``geometry.nearest_per_cell`` (one scatter of
+    points -> (range_image (5, rows, cols) float32, rows (N,) int64, cols (N,) int64), in float32
+    as the numpy path. Nearest point per cell as ``geometry.nearest_per_cell`` (one scatter of
     packed (range bits, index) keys with an amin: deterministic on a GPU too)."""
     n_rows, n_cols = int(sensor.rows), int(sensor.cols)
-    rng = torch.sqrt((xyz * xyz).sum(1))
-    valid = torch.isfinite(rng) & (rng > 0)
-    safe = torch.where(valid[:, None], xyz, xyz.new_tensor([1.0, 0.0, 0.0]))
-    safe_rng = torch.where(valid, rng, 1.0)
-    yaw = torch.atan2(safe[:, 1], safe[:, 0])
-    pitch = torch.asin(torch.clamp(safe[:, 2] / safe_rng, -1.0, 1.0))
+    x, y, z = points[:, 0], points[:, 1], points[:, 2]
+    range32 = torch.sqrt(x * x + y * y + z * z)
+    valid = torch.isfinite(range32) & (range32 > 0)
+    x, y, z = torch.where(valid, x, 1.0), torch.where(valid, y, 0.0), torch.where(valid, z, 0.0)
+    safe_range = torch.where(valid, range32, 1.0)
+    yaw = torch.atan2(y, x)
+    pitch = torch.asin(torch.clamp(z / safe_range, -1.0, 1.0))
     col, row = geometry.spherical_cell(yaw, pitch, sensor, torch.floor)
     cols = torch.clamp(col, 0, n_cols - 1).long()
     rows = torch.clamp(row, 0, n_rows - 1).long()
-    range32 = rng.float()
-    index = torch.arange(xyz.shape[0], device=xyz.device)
+    index = torch.arange(points.shape[0], device=points.device)
     key = (range32.view(torch.int32).long() << 32) | index
     key = torch.where(valid, key, _EMPTY_KEY_T)
-    best = torch.full((n_rows * n_cols,), _EMPTY_KEY_T, dtype=torch.int64, device=xyz.device)
+    best = torch.full((n_rows * n_cols,), _EMPTY_KEY_T, dtype=torch.int64, device=points.device)
     best.scatter_reduce_(0, rows * n_cols + cols, key, reduce="amin")
     occupied = torch.nonzero(best != _EMPTY_KEY_T).squeeze(1)
     won = best[occupied] & 0xFFFFFFFF
-    out = torch.zeros((5, n_rows * n_cols), dtype=torch.float32, device=xyz.device)
+    out = torch.zeros((5, n_rows * n_cols), dtype=torch.float32, device=points.device)
     out[0, occupied] = range32[won]
     out[1:, occupied] = points[won].T
     return out.view(5, n_rows, n_cols), rows, cols
@@ -233,9 +236,8 @@ def prepare_on(frame: Frame, image_size: tuple[int, int], sensor: RangeImageConf
     image = frame.image if frame.image.flags.writeable else frame.image.copy()
     pts = torch.from_numpy(points if points.flags.writeable else points.copy()).to(dev)
     img = torch.from_numpy(np.ascontiguousarray(image)).to(dev)
-    xyz = pts[:, :3].double()
-    in_view, uv = _project_in_view_t(xyz, camera)
-    range_image, rows, cols = _range_image_t(pts, xyz, sensor)
+    in_view, uv = _project_in_view_t(pts[:, :3].double(), camera)
+    range_image, rows, cols = _range_image_t(pts, sensor)
     return NetworkInputs(
         image=resize_crop(img, size, offset, (width, height)).contiguous(),
         range_image=range_image[None],
@@ -304,14 +306,13 @@ def forward_points(model: torch.nn.Module, inputs: NetworkInputs) -> PointOutput
 class PointPredictions:
     """The inference postprocess of one frame, torch tensors on the outputs' device.
 
-    prob_2d (M, C) and prob_3d (N, C) float32 softmax of each branch (transposed views of
-    class-major buffers: the (C, *) layout is where the postprocess is fast); labels (N,) int64
-    and confidence (N,) float32: the argmax and maximum of the fused probabilities
-    (``PointOutputs.probs``'s fusion; out of view the 3D branch).
+    labels_2d (M,) and labels_3d (N,) int64: each branch's own top class (in view / everywhere);
+    labels (N,) int64 and confidence (N,) float32: the argmax and maximum of the fused
+    probabilities (``PointOutputs.probs``'s fusion; out of view the 3D branch).
     """
 
-    prob_2d: torch.Tensor
-    prob_3d: torch.Tensor
+    labels_2d: torch.Tensor
+    labels_3d: torch.Tensor
     labels: torch.Tensor
     confidence: torch.Tensor
 
@@ -319,11 +320,10 @@ class PointPredictions:
 def point_predictions(inputs: NetworkInputs, logits_2d: torch.Tensor, logits_3d: torch.Tensor,
                       bias: torch.Tensor | tuple[float, float] | None = None,
                       executor: Executor | None = None) -> PointPredictions:
-    """Dense logits (1, C, H, W) and (1, C, rows, cols) of one frame -> PointPredictions: the same
-    values as ``point_outputs(...).probs(in_view, bias)`` and the fused max (within float
-    rounding: the class sums run in another order), without its (N, C) fused tensor.
+    """Dense logits (1, C, H, W) and (1, C, rows, cols) of one frame -> PointPredictions: the
+    argmaxes of ``point_outputs(...).probs(in_view, bias)`` and the fused max (within float
+    rounding: the class sums run in another order), without any (N, C) tensor.
     ``executor``: where the 2D branch's half runs (``models.points.predict_points``)."""
     cells = inputs.rows * logits_3d.shape[-1] + inputs.cols
-    p2, p3, labels, conf = predict_points(logits_2d, logits_3d, inputs.uv, cells, inputs.in_view,
-                                          tuple(inputs.image.shape[-2:]), bias, executor)
-    return PointPredictions(p2.T, p3.T, labels, conf)
+    return PointPredictions(*predict_points(logits_2d, logits_3d, inputs.uv, cells, inputs.in_view,
+                                            tuple(inputs.image.shape[-2:]), bias, executor))

@@ -5,13 +5,13 @@ preprocess   ``inputs.prepare``: image resized + centre-cropped to the network's
              on the backend's device (numpy on a CPU, torch on a GPU: ``inputs.prepare_on``)
 inference    backend.run: both branches in one graph (one engine launch on a GPU); on a GPU
              backend ``run_device`` takes and returns device tensors
-postprocess  per-point probabilities (``inputs.point_predictions``: range cell of each point,
-             bilinear image sample at each in-view point's pixel), softmax, entropy-weighted
-             fusion (with the branch log-weights the adapter deploys, see ``deploy``), labels and
-             confidence, in torch on the outputs' device
+postprocess  per-point labels (``inputs.point_predictions``: range cell of each point, bilinear
+             image sample at each in-view point's pixel), entropy-weighted fusion in view (with
+             the branch log-weights the adapter deploys, see ``deploy``), labels and confidence,
+             on the outputs' device (numpy kernels on a CPU)
 
 On a GPU backend a frame's points and image go to the device once, and nothing comes back
-until the per-point results (labels, confidence, branch probabilities).
+until the per-point results (labels, confidence, each branch's labels).
 """
 
 from __future__ import annotations
@@ -110,9 +110,7 @@ class Segmenter:
             torch.cuda.synchronize(self.device)
 
     def infer(self, frame: Frame) -> Prediction:
-        """Label every point of ``frame``; the Prediction keeps the inputs (``prediction.inputs``).
-        Its probs_2d / probs_3d are transposed views of class-major buffers (shape (M, C) /
-        (N, C) as the contract says, Fortran order)."""
+        """Label every point of ``frame``; the Prediction keeps the inputs (``prediction.inputs``)."""
         t0 = time.perf_counter()
         with one_torch_thread(self.device):
             inputs = self.preprocess(frame)
@@ -125,9 +123,10 @@ class Segmenter:
             pred = self.predict(inputs, outputs)
             labels = pred.labels.to(torch.uint8).cpu().numpy()
             confidence = pred.confidence.cpu().numpy()
-            prob_2d, prob_3d = pred.prob_2d.cpu().numpy(), pred.prob_3d.cpu().numpy()
+            labels_2d = pred.labels_2d.to(torch.uint8).cpu().numpy()
+            labels_3d = pred.labels_3d.to(torch.uint8).cpu().numpy()
             in_view = inputs.in_view.cpu().numpy()
         t3 = time.perf_counter()
         timings = {"preprocess": (t1 - t0) * 1e3, "inference": (t2 - t1) * 1e3,
                    "postprocess": (t3 - t2) * 1e3, "total": (t3 - t0) * 1e3}
-        return Prediction(labels, confidence, in_view, prob_2d, prob_3d, timings, frame.stamp_ns, inputs=inputs)
+        return Prediction(labels, confidence, in_view, labels_2d, labels_3d, timings, frame.stamp_ns, inputs=inputs)

@@ -156,7 +156,7 @@ def clone(frame: Frame, stamp_ns: int, seq: int = 0) -> Frame:
 def fake_prediction(frame: Frame, ms: float = 1.0) -> Prediction:
     n = frame.num_points
     return Prediction(np.zeros(n, np.uint8), np.ones(n, np.float32), np.zeros(n, bool),
-                      np.zeros((0, 2), np.float32), np.zeros((n, 2), np.float32),
+                      np.zeros(0, np.uint8), np.zeros(n, np.uint8),
                       {"preprocess": ms / 2, "inference": ms / 2, "postprocess": 0.0,
                        "total": ms}, frame.stamp_ns)
 

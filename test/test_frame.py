@@ -129,11 +129,13 @@ def test_resized_and_cropped_camera():
 
 
 def test_prediction_shapes_validated():
-    n, c = 6, 3
+    n = 6
     in_view = np.array([1, 0, 1, 1, 0, 0], bool)
-    p = Prediction(np.zeros(n), np.ones(n), in_view, np.zeros((3, c)), np.zeros((n, c)))
-    assert p.num_classes == 3 and p.labels.dtype == np.uint8
-    with pytest.raises(FrameError, match="probs_2d"):
-        Prediction(np.zeros(n), np.ones(n), in_view, np.zeros((4, c)), np.zeros((n, c)))
+    p = Prediction(np.zeros(n), np.ones(n), in_view, np.zeros(3), np.zeros(n))
+    assert p.labels.dtype == p.labels_2d.dtype == p.labels_3d.dtype == np.uint8
+    with pytest.raises(FrameError, match="labels_2d"):
+        Prediction(np.zeros(n), np.ones(n), in_view, np.zeros(4), np.zeros(n))
+    with pytest.raises(FrameError, match="labels_3d"):
+        Prediction(np.zeros(n), np.ones(n), in_view, np.zeros(3), np.zeros((n, 3)))
     with pytest.raises(FrameError, match="confidence"):
-        Prediction(np.zeros(n), np.ones(n - 1), in_view, np.zeros((3, c)), np.zeros((n, c)))
+        Prediction(np.zeros(n), np.ones(n - 1), in_view, np.zeros(3), np.zeros(n))

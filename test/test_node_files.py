@@ -330,7 +330,7 @@ def test_output_arrays_only_what_is_wanted():
                   np.zeros((32, 64, 3), np.uint8), cam)
     labels = np.array([0, 1, 2, 3, 255], np.uint8)
     pred = Prediction(labels, np.full(n, 0.5, np.float32), np.zeros(n, bool),
-                      np.zeros((0, 10), np.float32), np.zeros((n, 10), np.float32))
+                      np.zeros(0, np.uint8), np.zeros(n, np.uint8))
     cs = load_class_set("xmuda10")
     seg, vis = output_arrays(frame, pred, cs, segmentation=True, visualization=False)
     assert vis is None and seg.dtype.names == ("x", "y", "z", "intensity", "label", "confidence")

@@ -36,8 +36,10 @@ def test_segmenter_on_a_kitti_frame(kitti00, backend):
     n = frame.num_points
     assert pred.labels.shape == (n,) and pred.labels.max() < 10
     assert 0.10 < pred.in_view.mean() < 0.25  # ~15% of a KITTI scan is in image_2's view
-    assert pred.probs_2d.shape == (pred.in_view.sum(), 10) and pred.probs_3d.shape == (n, 10)
-    np.testing.assert_allclose(pred.probs_3d.sum(1), 1.0, atol=1e-5)
+    assert pred.labels_2d.shape == (pred.in_view.sum(),) and pred.labels_3d.shape == (n,)
+    assert pred.labels_2d.max() < 10 and pred.labels_3d.max() < 10
+    out = ~pred.in_view
+    np.testing.assert_array_equal(pred.labels[out], pred.labels_3d[out])  # out of view: the 3D branch alone
     assert np.all((pred.confidence > 0) & (pred.confidence <= 1.0 + 1e-6))
     assert set(pred.timings_ms) == {"preprocess", "inference", "postprocess", "total"}
     assert pred.stamp_ns == frame.stamp_ns

@@ -19,7 +19,7 @@ def score_prediction(scores: SegmentationScores, frame: Frame, pred: Prediction,
     """Add one frame's fused / 2D / 3D predictions to ``scores`` (frame.labels are raw ids);
     returns the frame's (N,) train-id ground truth."""
     gt = class_set.to_train_ids(frame.labels)
-    scores.update(gt, pred.in_view, pred.labels, pred.probs_2d.argmax(1), pred.probs_3d.argmax(1),
+    scores.update(gt, pred.in_view, pred.labels, pred.labels_2d, pred.labels_3d,
                   pred.timings_ms)
     return gt
 

@@ -299,6 +299,8 @@ class AdaptConfig(Section):
     weight_xm: float = setting(0.1, "weight of the cross-modal consistency loss", min=0.0, max=100.0)
     weight_entropy: float = setting(1.0, "weight of the entropy of the fused prediction (TENT's loss) in full",
                                     min=0.0, max=100.0)
+    entropy_of: str = setting("fused", "full's entropy term: the entropy of the fused prediction (TENT's) or the "
+                              "mean of each branch's own", choices=("fused", "branches"))
     restore_prob: float = setting(0.01, "stochastic restore: per-element probability per step", min=0.0, max=1.0)
     fusion_beta: float = setting(3.0, "shift-aware fusion: branch log-weight per unit of BN-statistics shift",
                                  min=0.0, max=1000.0)

@@ -299,7 +299,8 @@ class Full(Method):
         if on["xm"]:
             self.terms.append(T.CrossModalKL(a.weight_xm))
         if on["entropy"]:
-            self.terms.append(T.FusedEntropy(a.weight_entropy))
+            entropy = T.BranchEntropy if a.entropy_of == "branches" else T.FusedEntropy
+            self.terms.append(entropy(a.weight_entropy))
         self.guard = (CollapseGuard(self.num_classes, a.collapse_window, a.collapse_max_class_share,
                                     a.collapse_max_disagreement) if on["guard"] else None)
         needs_shift = on["fusion"] or on["shift_reset"]

@@ -70,6 +70,19 @@ class FusedEntropy(LossTerm):
         return losses.entropy(ctx.q_fused)
 
 
+class BranchEntropy(LossTerm):
+    """Mean entropy of each branch's own prediction (2D at the in-view points, 3D at every
+    point), averaged over the two. The fused entropy can also fall by moving the fusion's weight
+    onto whichever branch is already the more confident, right or not; this one only sharpens
+    each branch where it stands."""
+
+    name = "entropy"
+
+    def loss(self, ctx: StepContext) -> torch.Tensor:
+        out = ctx.out
+        return 0.5 * (losses.entropy(out.logits_2d.softmax(1)) + losses.entropy(out.logits_3d.softmax(1)))
+
+
 class PseudoLabelCE(LossTerm):
     """Cross-entropy on the frame's pseudo-labels, every labelled point (xMUDA-PL online)."""
 

@@ -224,6 +224,15 @@ def test_baselines_step(method):
         assert torch.equal(bn_weights(ad.teacher), bn_weights(ad.method.models.student))
 
 
+def test_full_takes_the_entropy_term_adapt_entropy_of_names():
+    from pl3d_ros.adapt import terms as T
+
+    for of, want in (("fused", T.FusedEntropy), ("branches", T.BranchEntropy)):
+        method = build_method(make_cfg(entropy_of=of), confident_model(), header())
+        kinds = [type(t) for t in method.terms if t.name == "entropy"]
+        assert kinds == [want]
+
+
 def test_negative_learning_uses_a_new_class_each_round():
     cfg = make_cfg(steps_per_frame=3, negative_rounds=2, negative_max_prob=1.0)
     method = build_method(cfg, confident_model(), header())

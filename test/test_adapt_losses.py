@@ -127,6 +127,18 @@ def test_entropy_value():
     assert losses.entropy(torch.tensor([[0.5, 0.5], [1.0, 0.0]])).item() == approx(math.log(2) / 2)
 
 
+def test_branch_entropy_is_the_mean_of_the_branches_and_ignores_the_fusion():
+    from pl3d_ros.adapt.terms import BranchEntropy, FusedEntropy, StepContext
+    from pl3d_ros.inputs import PointOutputs
+
+    # 2D: one in-view point at (1/2, 1/2) -> ln 2; 3D: two points, certain -> 0
+    out = PointOutputs(torch.zeros(1, 2), torch.tensor([[30.0, 0.0], [0.0, 30.0]]))
+    fused_certain = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # a fusion that trusted 3D entirely
+    ctx = StepContext(state=None, out=out, q_fused=fused_certain)
+    assert BranchEntropy().loss(ctx).item() == approx(0.5 * math.log(2))
+    assert FusedEntropy().loss(ctx).item() == approx(0.0)  # nothing left to sharpen in the fused one
+
+
 # -- section 0: class-wise thresholds -----------------------------------------------------------
 
 

@@ -39,7 +39,27 @@ def cover_size(camera: CameraModel, width: int, height: int, zoom: float = 1.0) 
 
 
 def fit_camera(camera: CameraModel, width: int, height: int) -> tuple[CameraModel, tuple[int, int], tuple[int, int]]:
-    """Scale to cover width x height, then centre-crop: (camera, resized (w, h), crop offset (x0, y0))."""
+    """Scale to cover width x height, then centre-crop: (camera, resized (w, h), crop offset (x0, y0)).
+
+    The same calibration arrives with every frame, and building (and validating) the two
+    derived camera models took 0.3 ms of each frame's preprocess: the result is remembered per
+    calibration (its values, not the object: every CameraInfo message makes a new one)."""
+    key = (camera.K.tobytes(), camera.T_cam_lidar.tobytes(), camera.D.tobytes(), camera.distortion_model,
+           camera.width, camera.height, camera.frame_id, int(width), int(height))
+    fitted = _FITTED.get(key)
+    if fitted is None:
+        fitted = _fit_camera(camera, int(width), int(height))
+        if len(_FITTED) >= 16:  # a handful of cameras at most; never grows without bound
+            _FITTED.clear()
+        _FITTED[key] = fitted
+    return fitted
+
+
+#: fit_camera's results by calibration.
+_FITTED: dict[tuple, tuple[CameraModel, tuple[int, int], tuple[int, int]]] = {}
+
+
+def _fit_camera(camera: CameraModel, width: int, height: int) -> tuple[CameraModel, tuple[int, int], tuple[int, int]]:
     rw, rh = cover_size(camera, width, height)
     x0, y0 = (rw - width) // 2, (rh - height) // 2
     return camera.resized(rw, rh).cropped(x0, y0, width, height), (rw, rh), (x0, y0)

@@ -376,3 +376,16 @@ def test_helper_thread_gives_the_same_inputs_and_predictions(kitti_frames, one_t
             p, q = point_predictions(a, l2, l3, (0.1, 0.2)), point_predictions(a, l2, l3, (0.1, 0.2), pool)
             for name in ("labels_2d", "labels_3d", "labels", "confidence"):
                 assert torch.equal(getattr(p, name), getattr(q, name)), name
+
+
+def test_fit_camera_is_remembered_per_calibration_not_per_object(kitti_frames):
+    cam = kitti_frames[0].camera
+    same = CameraModel(cam.K.copy(), cam.width, cam.height, cam.T_cam_lidar.copy(), cam.distortion_model,
+                       cam.D.copy(), cam.frame_id)
+    a, b = fit_camera(cam, 320, 96), fit_camera(same, 320, 96)
+    assert a[0] is b[0] and a[1:] == b[1:]
+    K = cam.K.copy()
+    K[0, 2] += 3.0
+    other = fit_camera(CameraModel(K, cam.width, cam.height, cam.T_cam_lidar), 320, 96)[0]
+    assert other is not a[0] and other.K[0, 2] != a[0].K[0, 2]
+    assert fit_camera(cam, 640, 192)[0].width == 640  # the output size is part of the key

@@ -389,3 +389,24 @@ def test_fit_camera_is_remembered_per_calibration_not_per_object(kitti_frames):
     other = fit_camera(CameraModel(K, cam.width, cam.height, cam.T_cam_lidar), 320, 96)[0]
     assert other is not a[0] and other.K[0, 2] != a[0].K[0, 2]
     assert fit_camera(cam, 640, 192)[0].width == 640  # the output size is part of the key
+
+
+def test_postprocess_takes_half_precision_logits(kitti_frames):
+    """bf16 logits (a torch backend under autocast) are post-processed in float32."""
+    inputs = prepare(kitti_frames[0], SIZE, header().sensor)
+    l2, l3 = (t.bfloat16() for t in _random_logits(inputs))
+    ref = point_predictions(inputs, l2.float(), l3.float())  # the same logits, float32 arithmetic
+    half = point_predictions(inputs, l2, l3)
+    for name in ("labels_2d", "labels_3d", "labels", "confidence"):
+        assert torch.equal(getattr(half, name), getattr(ref, name)), name
+
+
+def test_half_precision_grids_are_sampled_at_float32_positions():
+    """bf16 coordinates would put u = 601 up to ~1 px off: a pixel-wide stripe pattern shows it."""
+    from pl3d_ros.models.points import sample_pixels
+
+    stripes = (torch.arange(640) % 2).float().view(1, 1, 1, 640).expand(1, 1, 4, 640)
+    uv = torch.tensor([[601.0, 1.0], [598.0, 2.0], [333.0, 0.0]], dtype=torch.float64)
+    for grid in (stripes, stripes.bfloat16()):
+        got = sample_pixels(grid, uv, (4, 640))[:, 0].float()
+        assert got.tolist() == [1.0, 0.0, 1.0], grid.dtype

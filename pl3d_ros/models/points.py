@@ -35,6 +35,10 @@ def sample_pixels(grid: torch.Tensor, uv: torch.Tensor, size: tuple[int, int] | 
 def _sample_pixels_cm(grid: torch.Tensor, uv: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
     """``sample_pixels`` in the class-major layout grid_sample produces: (C, M), contiguous."""
     h, w = size if size is not None else grid.shape[-2:]
+    if grid.dtype in (torch.float16, torch.bfloat16):
+        # grid_sample takes the coordinates in the grid's dtype, and bf16's 8 bits would move a
+        # sample at u = 600 by up to 1.2 px: sample a float32 copy (gradients pass through it)
+        grid = grid.float()
     norm = torch.empty_like(uv, dtype=grid.dtype)
     norm[:, 0] = (uv[:, 0] + 0.5) * (2.0 / w) - 1.0  # align_corners=False convention
     norm[:, 1] = (uv[:, 1] + 0.5) * (2.0 / h) - 1.0
@@ -98,13 +102,19 @@ def max_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     thread), and on a CPU even its float comparison is 6x numpy's, so CPU tensors go through
     numpy (no copy): 0.4 ms, against 2.8 for the row-by-row marking this replaces.
     """
-    if x.device.type == "cpu" and not x.requires_grad:
+    if _numpy_ok(x):
         top, arg = _max_argmax_np(x.numpy())
         return torch.from_numpy(top), torch.from_numpy(arg)
     c = x.shape[0]
     top = x.amax(0)
     first = ((x == top) * _class_weights(c, torch, x.device)[:, None]).amax(0)
     return top, (c - first.long()).clamp_max_(c - 1)
+
+
+def _numpy_ok(x: torch.Tensor) -> bool:
+    """Whether ``x`` can go through the numpy kernels: a CPU float tensor numpy has (not bf16 /
+    fp16 autocast output) without autograd history."""
+    return x.device.type == "cpu" and not x.requires_grad and x.dtype in (torch.float32, torch.float64)
 
 
 def _class_weights(c: int, xp, device=None):
@@ -127,7 +137,7 @@ def _max_argmax_np(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def top_class(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(C, K) logits -> (argmax (K,) int64, softmax maximum (K,) float32) over the classes,
     without the (C, K) softmax: the maximum of a softmax is 1 / sum_c exp(l_c - max_c l_c)."""
-    if logits.device.type == "cpu" and not logits.requires_grad:
+    if _numpy_ok(logits):
         x = logits.numpy()
         top, arg = _max_argmax_np(x)
         e = np.subtract(x, top, dtype=np.float32)
@@ -156,6 +166,8 @@ def predict_points(logits_2d: torch.Tensor, logits_3d: torch.Tensor, uv: torch.T
     ``executor``: the cells' top classes (numpy on a CPU, 2.5 ms for a KITTI range image) are
     found there while the caller samples the 2D branch and forms the in-view softmaxes.
     """
+    if logits_3d.dtype in (torch.float16, torch.bfloat16):  # a half-precision backend: float32 arithmetic
+        logits_2d, logits_3d = logits_2d.float(), logits_3d.float()
     c = logits_3d.shape[1]
     grid = logits_3d.reshape(c, -1)
     if executor is not None:
@@ -167,7 +179,7 @@ def predict_points(logits_2d: torch.Tensor, logits_3d: torch.Tensor, uv: torch.T
     cell_label, cell_conf = cells_top.result() if executor is not None else top_class(grid)
     labels_3d = cell_label.index_select(0, cells)  # 2-8x faster than cell_label[cells] on a CPU
     labels, confidence = labels_3d.clone(), cell_conf.index_select(0, cells)
-    if p2.device.type == "cpu":
+    if _numpy_ok(p2) and _numpy_ok(p3):
         conf_v, labels_v = max_argmax(torch.from_numpy(_fusion_np(p2.numpy(), p3.numpy(), bias)))
     else:
         conf_v, labels_v = max_argmax(_fusion(p2, p3, bias, dim=0))

@@ -32,7 +32,7 @@ from pl3d_ros.io.kitti import KittiSequence
 from pl3d_ros.labels import load_class_set
 from pl3d_ros.models.checkpoint import CheckpointHeader, load_checkpoint
 from pl3d_ros.models.two_stream import build_model
-from pl3d_ros.pipeline import one_torch_thread
+from pl3d_ros.cpu_budget import one_torch_thread
 from pl3d_ros.runtime.base import BackendError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -33,8 +33,9 @@ import os
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,26 @@ def available_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
+
+
+@contextmanager
+def one_torch_thread(device: Any = "cpu") -> Iterator[None]:
+    """CPU pre/postprocessing on one intra-op thread of the calling thread (the count is an
+    OpenMP per-thread setting; restored after). Its ops are 0.1-1 ms each: a second thread gains
+    little on an idle machine, and on a busy one (the adaptation thread, other processes) the
+    OpenMP team waits for its descheduled member at every op: the postprocess took 360 ms with
+    two threads against 13 ms with one on the loaded development machine."""
+    import torch
+
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)

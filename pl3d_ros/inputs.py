@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from pl3d_ros.config import RangeImageConfig
+from pl3d_ros.cpu_budget import one_torch_thread
 from pl3d_ros.frame import CameraModel, Frame
 from pl3d_ros import geometry
 from pl3d_ros.geometry import project_in_view, range_image_channels, range_projection
@@ -151,7 +152,8 @@ def prepare(frame: Frame, image_size: tuple[int, int], sensor: RangeImageConfig,
         in_view, uv = _project_camera(frame, camera)
     else:
         projection = executor.submit(_project_camera, frame, camera)
-    image = _one_thread(resize_crop, frame.image, size, offset, image_size).contiguous()
+    with one_torch_thread():  # training and the adapter call prepare outside Segmenter's
+        image = resize_crop(frame.image, size, offset, image_size).contiguous()
     proj3d = range_projection(frame.points, sensor)
     range_image = torch.from_numpy(range_image_channels(frame.points, proj3d)[None])
     rows, cols = torch.from_numpy(proj3d.rows.astype(np.int64)), torch.from_numpy(proj3d.cols.astype(np.int64))
@@ -165,17 +167,6 @@ def _project_camera(frame: Frame, camera: CameraModel) -> tuple[np.ndarray, np.n
     """The camera half of ``prepare``: (in_view (N,), uv (M, 2)) in the network-input camera,
     in float64 (``geometry.project_in_view``)."""
     return project_in_view(frame.points[:, :3].astype(np.float64), camera)
-
-
-def _one_thread(fn, *args):
-    """``fn(*args)`` on one torch intra-op thread (see pipeline.one_torch_thread; training and
-    the adapter call ``prepare`` outside it)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fn(*args)
-    finally:
-        torch.set_num_threads(before)
 
 
 # -- the device path: the same inputs computed by torch where the network runs -------------------

@@ -17,13 +17,12 @@ until the per-point results (labels, confidence, each branch's labels).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import numpy as np
 import torch
 
+from pl3d_ros.cpu_budget import one_torch_thread
 from pl3d_ros.frame import Frame, Prediction
 from pl3d_ros.inputs import NetworkInputs, PointOutputs, PointPredictions, point_outputs, point_predictions, prepare
 from pl3d_ros.models.checkpoint import CheckpointHeader
@@ -32,24 +31,6 @@ from pl3d_ros.runtime.base import Backend
 
 #: The key of a deployment's fusion log-weights (2,) beside the network's state dict.
 FUSION_KEY = "pl3d.fusion_bias"
-
-
-@contextmanager
-def one_torch_thread(device: torch.device) -> Iterator[None]:
-    """CPU pre/postprocessing on one intra-op thread of the calling thread (the count is an
-    OpenMP per-thread setting; restored after). Its ops are 0.1-1 ms each: a second thread gains
-    little on an idle machine, and on a busy one (the adaptation thread, other processes) the
-    OpenMP team waits for its descheduled member at every op: the postprocess took 360 ms with
-    two threads against 13 ms with one on the loaded development machine."""
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class Segmenter:

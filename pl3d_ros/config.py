@@ -297,7 +297,7 @@ class AdaptConfig(Section):
                                  min=0.0, max=100.0)
     prototype_momentum: float = setting(0.999, "EMA momentum of the class prototypes", min=0.0, max=1.0)
     weight_xm: float = setting(0.1, "weight of the cross-modal consistency loss", min=0.0, max=100.0)
-    weight_entropy: float = setting(1.0, "weight of the entropy of the fused prediction (TENT's loss) in full",
+    weight_entropy: float = setting(1.0, "weight of full's entropy term (adapt.entropy_of)",
                                     min=0.0, max=100.0)
     entropy_of: str = setting("fused", "full's entropy term: the entropy of the fused prediction (TENT's) or the "
                               "mean of each branch's own", choices=("fused", "branches"))

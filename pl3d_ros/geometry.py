@@ -350,15 +350,16 @@ class Projection:
         return pix
 
 
-def _as_points(points: np.ndarray, name: str = "points") -> np.ndarray:
-    """(N, 3) float64 xyz of an (N, 3) or (N, 4) array."""
+def _as_points(points: np.ndarray, name: str = "points", dtype: type = np.float64) -> np.ndarray:
+    """(N, 3) xyz of an (N, 3) or (N, 4) array, in ``dtype``.
+
+    float64 for the camera projections, so that those of float32 clouds agree with a float64
+    P @ Tr to ~1e-9 px; the range projection takes float32 (see there). An input already in
+    ``dtype`` is used as it is (a view, no copy); nothing here writes into it."""
     pts = np.asarray(points)
     if pts.ndim != 2 or pts.shape[1] not in (3, 4):
         raise ValueError(f"{name} must have shape (N, 3) or (N, 4), got {pts.shape}")
-    # float64 so that projections of float32 clouds agree with a float64 P @ Tr to ~1e-9 px. An
-    # (N, 3) float64 input is used as it is (no copy): callers that project one cloud twice
-    # (inputs.prepare) convert once. Nothing here writes into it.
-    return np.asarray(pts[:, :3], dtype=np.float64)
+    return np.asarray(pts[:, :3], dtype=dtype)
 
 
 def _camera_coordinates(xyz: np.ndarray, camera: CameraModel, axes: tuple[int, ...] = (0, 1, 2)) -> np.ndarray:
@@ -566,10 +567,8 @@ def range_projection(points: np.ndarray, cfg: RangeImageConfig) -> RangeProjecti
         ConfigError: ``cfg`` is invalid (non-positive size, fov_up <= fov_down).
     """
     cfg.validate()  # a zero-size image or an inverted FOV would otherwise fail obscurely below
-    pts = np.asarray(points)
-    if pts.ndim != 2 or pts.shape[1] not in (3, 4):
-        raise ValueError(f"points must have shape (N, 3) or (N, 4), got {pts.shape}")
-    x, y, z = (np.asarray(pts[:, i], dtype=np.float32) for i in range(3))
+    xyz = _as_points(points, dtype=np.float32)
+    x, y, z = xyz[:, 0], xyz[:, 1], xyz[:, 2]
     n_rows, n_cols = int(cfg.rows), int(cfg.cols)
     with np.errstate(invalid="ignore", over="ignore"):  # non-finite points are masked below
         range32 = x * x
@@ -583,8 +582,9 @@ def range_projection(points: np.ndarray, cfg: RangeImageConfig) -> RangeProjecti
     if valid.all():
         safe_range = range32
     else:
-        x, y, z = np.where(valid, x, np.float32(1.0)), np.where(valid, y, np.float32(0.0)), np.where(valid, z, np.float32(0.0))
-        safe_range = np.where(valid, range32, np.float32(1.0))
+        one, zero = np.float32(1.0), np.float32(0.0)
+        x, y, z = np.where(valid, x, one), np.where(valid, y, zero), np.where(valid, z, zero)
+        safe_range = np.where(valid, range32, one)
     yaw = np.arctan2(y, x)
     sin_pitch = z / safe_range
     pitch = np.arcsin(np.clip(sin_pitch, -1.0, 1.0, out=sin_pitch))

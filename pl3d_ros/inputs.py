@@ -335,7 +335,7 @@ def point_predictions(inputs: NetworkInputs, logits_2d: torch.Tensor, logits_3d:
     """Dense logits (1, C, H, W) and (1, C, rows, cols) of one frame -> PointPredictions: the
     argmaxes of ``point_outputs(...).probs(in_view, bias)`` and the fused max (within float
     rounding: the class sums run in another order), without any (N, C) tensor.
-    ``executor``: where the 2D branch's half runs (``models.points.predict_points``)."""
+    ``executor``: where the range cells' top classes are found (``models.points.predict_points``)."""
     cells = inputs.rows * logits_3d.shape[-1] + inputs.cols
     return PointPredictions(*predict_points(logits_2d, logits_3d, inputs.uv, cells, inputs.in_view,
                                             tuple(inputs.image.shape[-2:]), bias, executor))

@@ -180,7 +180,7 @@ def predict_points(logits_2d: torch.Tensor, logits_3d: torch.Tensor, uv: torch.T
     labels_3d = cell_label.index_select(0, cells)  # 2-8x faster than cell_label[cells] on a CPU
     labels, confidence = labels_3d.clone(), cell_conf.index_select(0, cells)
     if _numpy_ok(p2) and _numpy_ok(p3):
-        conf_v, labels_v = max_argmax(torch.from_numpy(_fusion_np(p2.numpy(), p3.numpy(), bias)))
+        conf_v, labels_v = map(torch.from_numpy, _max_argmax_np(_fusion_np(p2.numpy(), p3.numpy(), bias)))
     else:
         conf_v, labels_v = max_argmax(_fusion(p2, p3, bias, dim=0))
     confidence[view] = conf_v

@@ -43,6 +43,8 @@ setup(
         "onnx>=1.15",
         "onnxruntime>=1.17",
         "safetensors>=0.4",
+        # The per-point passes of pre- and postprocessing on the CPU (pl3d_ros/cpu_kernels.py)
+        "numba>=0.58",
         "scipy>=1.10",  # KD-trees for propagation
         "scikit-image>=0.21",  # Felzenszwalb superpixels, the default mask provider
         "matplotlib>=3.7",  # report plots (Agg backend, headless)

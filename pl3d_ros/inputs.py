@@ -18,6 +18,7 @@ the inference postprocess in torch on whatever device the outputs are on.
 
 from __future__ import annotations
 
+import warnings
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -80,9 +81,7 @@ def resize_crop(image: np.ndarray | torch.Tensor, size: tuple[int, int], offset:
     no uint8 path) the float image is resized: the same pixels within that 1/255.
     """
     if isinstance(image, np.ndarray):
-        if not image.flags.writeable:  # decoded images and message buffers are read-only views
-            image = image.copy()
-        image = torch.from_numpy(np.ascontiguousarray(image))
+        image = _read_only_tensor(np.ascontiguousarray(image))
     t = image.permute(2, 0, 1)[None]  # (1, 3, H, W), channels-last strides: no copy
     if t.device.type == "cpu" and t.dtype == torch.uint8:
         t = F.interpolate(t, size=(size[1], size[0]), mode="bilinear", align_corners=False, antialias=True)
@@ -94,6 +93,17 @@ def resize_crop(image: np.ndarray | torch.Tensor, size: tuple[int, int], offset:
     if t.dtype == torch.uint8:
         return t.float().div_(255.0)
     return t.clamp_(0.0, 1.0)
+
+
+def _read_only_tensor(array: np.ndarray) -> torch.Tensor:
+    """A CPU tensor sharing a read-only array's memory (decoded images and message buffers are
+    read-only views), for reading only: torch.from_numpy warns about such arrays, and the copy
+    that avoided the warning took 0.7 ms of a KITTI frame's preprocess."""
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 @dataclass

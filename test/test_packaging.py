@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: pip requirement -> its rosdep key (ros/rosdistro rosdep/python.yaml; Ubuntu package names).
 ROSDEP_KEYS = {"numpy": "python3-numpy", "pyyaml": "python3-yaml", "pillow": "python3-pil",
                "scipy": "python3-scipy", "scikit-image": "python3-skimage",
-               "matplotlib": "python3-matplotlib", "tqdm": "python3-tqdm"}
+               "matplotlib": "python3-matplotlib", "tqdm": "python3-tqdm", "numba": "python3-numba"}
 #: ROS packages that are Python modules: declared only if something imports them.
 ROS_PYTHON_PACKAGES = ("rclpy", "message_filters", "tf2_ros", "diagnostic_updater",
                        "sensor_msgs_py", "ament_index_python", "launch", "launch_ros")

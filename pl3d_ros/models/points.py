@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pl3d_ros import cpu_kernels
+
 
 def gather_cells(grid: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """Per-point values of a range-image grid.
@@ -60,22 +62,6 @@ def _fusion(prob_2d: torch.Tensor, prob_3d: torch.Tensor, bias: torch.Tensor | t
         b = torch.as_tensor(bias, dtype=e2.dtype, device=e2.device)
         e2, e3 = e2 + b[0], e3 + b[1]
     w2, w3 = torch.exp(e2).unsqueeze(dim), torch.exp(e3).unsqueeze(dim)
-    return (w2 * prob_2d + w3 * prob_3d) / (w2 + w3)
-
-
-def _fusion_np(prob_2d: np.ndarray, prob_3d: np.ndarray, bias: torch.Tensor | tuple[float, float] | None
-               ) -> np.ndarray:
-    """``_fusion`` of class-major (C, M) float32 numpy arrays, the same formula: numpy's log and
-    exp are 2-3x torch's on this CPU (0.3 vs 1.0 ms for a KITTI scan's 20k in-view points)."""
-    def neg_entropy(p: np.ndarray) -> np.ndarray:
-        return (p * np.log(np.maximum(p, np.float32(1e-12)))).sum(0)
-
-    e2, e3 = neg_entropy(prob_2d), neg_entropy(prob_3d)
-    if bias is not None:
-        b = np.asarray(torch.as_tensor(bias).detach().cpu(), dtype=np.float32)
-        e2 += b[0]
-        e3 += b[1]
-    w2, w3 = np.exp(e2), np.exp(e3)
     return (w2 * prob_2d + w3 * prob_3d) / (w2 + w3)
 
 
@@ -137,14 +123,21 @@ def _max_argmax_np(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def top_class(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(C, K) logits -> (argmax (K,) int64, softmax maximum (K,) float32) over the classes,
     without the (C, K) softmax: the maximum of a softmax is 1 / sum_c exp(l_c - max_c l_c)."""
-    if _numpy_ok(logits):
-        x = logits.numpy()
-        top, arg = _max_argmax_np(x)
-        e = np.subtract(x, top, dtype=np.float32)
-        np.exp(e, out=e)
-        return torch.from_numpy(arg), torch.from_numpy(np.reciprocal(e.sum(0)))
+    if _numpy_ok(logits) and logits.shape[0] < 256:
+        arg, conf = _top_class_np(logits.numpy())
+        return torch.from_numpy(arg.astype(np.int64)), torch.from_numpy(conf)
     top, arg = max_argmax(logits)
     return arg, (logits - top).exp_().sum(0).reciprocal_()
+
+
+def _top_class_np(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``top_class`` of a (C, K) numpy array, C < 256, compiled -> (argmax (K,) uint8, max (K,)
+    float32)."""
+    x = np.ascontiguousarray(logits, dtype=np.float32)
+    k = x.shape[1]
+    arg, conf = np.empty(k, np.uint8), np.empty(k, np.float32)
+    cpu_kernels.top_class(x, arg, conf, np.empty(k, np.float32), np.empty(k, np.float32))
+    return arg, conf
 
 
 def predict_points(logits_2d: torch.Tensor, logits_3d: torch.Tensor, uv: torch.Tensor, cells: torch.Tensor,
@@ -157,18 +150,24 @@ def predict_points(logits_2d: torch.Tensor, logits_3d: torch.Tensor, uv: torch.T
     (``sample_pixels``); logits_3d (1, C, rows, cols) read at cells
     (N,) int64 = row * cols + col (``gather_cells``); in_view (N,) bool; bias as ``fuse``.
 
-    Returns (labels_2d (M,), labels_3d (N,), labels (N,), all int64, confidence (N,) float32):
+    Returns (labels_2d (M,), labels_3d (N,), labels (N,), all uint8, confidence (N,) float32):
     the argmax of each branch's softmax, and the argmax / max of the entropy-weighted fusion
     (``fuse``). Only the M in-view points need the branches' full softmax (for the fusion's
     entropies); out of view the fusion is the 3D branch itself, whose top class and its
     probability come from the range image's cells (``top_class``, no (C, N) softmax) and are
     read per point. Class-major (C, K) buffers keep every step a sweep over contiguous rows.
-    ``executor``: the cells' top classes (numpy on a CPU, 2.5 ms for a KITTI range image) are
-    found there while the caller samples the 2D branch and forms the in-view softmaxes.
+    ``executor``: the cells' top classes are found there while the caller samples the 2D
+    branch and fuses the in-view points. On a CPU both halves are compiled loops
+    (``cpu_kernels.top_class`` / ``fuse_in_view`` / ``spread_cells``); elsewhere torch.
     """
     if logits_3d.dtype in (torch.float16, torch.bfloat16):  # a half-precision backend: float32 arithmetic
         logits_2d, logits_3d = logits_2d.float(), logits_3d.float()
     c = logits_3d.shape[1]
+    if c >= 256:
+        raise ValueError(f"labels are uint8: at most 255 classes, got {c}")
+    if all(_numpy_ok(t) for t in (logits_2d, logits_3d, uv)):
+        return _predict_points_np(logits_2d.numpy()[0], logits_3d.numpy()[0], uv.numpy(), cells.numpy(),
+                                  in_view.numpy(), size, bias, executor)
     grid = logits_3d.reshape(c, -1)
     if executor is not None:
         cells_top = executor.submit(top_class, grid)
@@ -177,12 +176,33 @@ def predict_points(logits_2d: torch.Tensor, logits_3d: torch.Tensor, uv: torch.T
     p3 = grid.index_select(1, cells[view]).softmax(0)
     labels_2d = max_argmax(p2)[1]
     cell_label, cell_conf = cells_top.result() if executor is not None else top_class(grid)
-    labels_3d = cell_label.index_select(0, cells)  # 2-8x faster than cell_label[cells] on a CPU
+    labels_3d = cell_label.index_select(0, cells)
     labels, confidence = labels_3d.clone(), cell_conf.index_select(0, cells)
-    if _numpy_ok(p2) and _numpy_ok(p3):
-        conf_v, labels_v = map(torch.from_numpy, _max_argmax_np(_fusion_np(p2.numpy(), p3.numpy(), bias)))
-    else:
-        conf_v, labels_v = max_argmax(_fusion(p2, p3, bias, dim=0))
+    conf_v, labels_v = max_argmax(_fusion(p2, p3, bias, dim=0))
     confidence[view] = conf_v
     labels[view] = labels_v
-    return labels_2d, labels_3d, labels, confidence
+    return labels_2d.to(torch.uint8), labels_3d.to(torch.uint8), labels.to(torch.uint8), confidence
+
+
+def _predict_points_np(logits_2d: np.ndarray, logits_3d: np.ndarray, uv: np.ndarray, cells: np.ndarray,
+                       in_view: np.ndarray, size: tuple[int, int], bias: torch.Tensor | tuple[float, float] | None,
+                       executor: Executor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``predict_points`` of CPU float32 arrays (C, h, w) / (C, rows, cols), compiled: the
+    cells' top classes (on ``executor`` when given), the in-view fusion, then one pass that
+    reads every point's cell and writes the in-view results over it."""
+    c = logits_3d.shape[0]
+    grid = np.ascontiguousarray(logits_3d, dtype=np.float32).reshape(c, -1)
+    job = executor.submit(_top_class_np, grid) if executor is not None else None
+    view = np.flatnonzero(in_view)
+    m, n = view.shape[0], cells.shape[0]
+    image = np.ascontiguousarray(logits_2d, dtype=np.float32)
+    b2, b3 = (0.0, 0.0) if bias is None else (float(v) for v in torch.as_tensor(bias).detach().cpu().double())
+    labels_2d, labels_v, conf_v = np.empty(m, np.uint8), np.empty(m, np.uint8), np.empty(m, np.float32)
+    cpu_kernels.fuse_in_view(image, 2.0 / size[1], 2.0 / size[0],
+                             np.ascontiguousarray(uv, dtype=np.float64), np.ascontiguousarray(cells[view], dtype=np.int64),
+                             grid, b2, b3, labels_2d, labels_v, conf_v)
+    cell_label, cell_conf = job.result() if job is not None else _top_class_np(grid)
+    labels_3d, labels, confidence = np.empty(n, np.uint8), np.empty(n, np.uint8), np.empty(n, np.float32)
+    cpu_kernels.spread_cells(cell_label, cell_conf, np.ascontiguousarray(cells, dtype=np.int64), view, labels_v, conf_v,
+                             labels_3d, labels, confidence)
+    return tuple(map(torch.from_numpy, (labels_2d, labels_3d, labels, confidence)))

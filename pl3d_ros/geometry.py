@@ -541,7 +541,8 @@ class RangeProjection:
 
 def spherical_cell(yaw: Any, pitch: Any, cfg: RangeImageConfig, floor: Callable[[Any], Any]) -> tuple[Any, Any]:
     """Unclipped (col, row) of directions yaw, pitch (radians), as float arrays: numpy arrays
-    with ``np.floor`` or torch tensors with ``torch.floor`` (the device path), one formula."""
+    with ``np.floor`` or torch tensors with ``torch.floor`` (the device path). The compiled CPU
+    loop (``cpu_kernels.spherical_cells``) spells the same formula out per point."""
     col = floor(0.5 * (1.0 - yaw / np.pi) * int(cfg.cols))
     row = floor((1.0 - (pitch - cfg.fov_down) / (cfg.fov_up - cfg.fov_down)) * int(cfg.rows))
     return col, row
@@ -558,8 +559,9 @@ def range_projection(points: np.ndarray, cfg: RangeImageConfig) -> RangeProjecti
 
     In float32, as the clouds arrive and as RangeNet++'s own projection computes: a cell is
     0.18 degrees wide and float32 places a point to ~1e-5 of a cell, so against float64 a few
-    points per 124k-point scan (those within that of a cell border) change cell; half the time
-    of the float64 arithmetic (1.5 vs 3.2 ms, plus the 0.9 ms float64 copy of the cloud).
+    points per 124k-point scan (those within that of a cell border) change cell. One compiled
+    pass (``cpu_kernels.spherical_cells``, pitch as atan2(z, hypot(x, y)), the same angle) and
+    one for the nearest points: 0.7 ms for a KITTI scan against 2.4 for the numpy passes.
 
     Args:
         points: (N, 3) or (N, 4) points in the LiDAR frame, metres.

@@ -10,8 +10,8 @@ augmented frames. Everything per point happens here, for every caller:
     rows, cols    every point's range-image cell          -> gather_cells on 3D outputs
     uv, in_view   in-view points' pixels in the input image -> bilinear sample of 2D outputs
 
-Two implementations of ``prepare`` with the same results: numpy on the CPU (``geometry``'s
-float64 projections, bit for bit) and torch on the backend's device (``prepare_on``: one copy
+Two implementations of ``prepare`` with the same results: compiled loops on the CPU
+(``geometry``'s projections, through ``cpu_kernels``) and torch on the backend's device (``prepare_on``: one copy
 of the points and the image to a GPU, nothing back until the labels). ``point_predictions`` is
 the inference postprocess in torch on whatever device the outputs are on.
 """
@@ -227,9 +227,8 @@ def _range_image_t(points: torch.Tensor, sensor: RangeImageConfig
     range32 = torch.sqrt(x * x + y * y + z * z)
     valid = torch.isfinite(range32) & (range32 > 0)
     x, y, z = torch.where(valid, x, 1.0), torch.where(valid, y, 0.0), torch.where(valid, z, 0.0)
-    safe_range = torch.where(valid, range32, 1.0)
     yaw = torch.atan2(y, x)
-    pitch = torch.asin(torch.clamp(z / safe_range, -1.0, 1.0))
+    pitch = torch.atan2(z, torch.sqrt(x * x + y * y))  # = asin(z / range), as cpu_kernels computes it
     col, row = geometry.spherical_cell(yaw, pitch, sensor, torch.floor)
     cols = torch.clamp(col, 0, n_cols - 1).long()
     rows = torch.clamp(row, 0, n_rows - 1).long()

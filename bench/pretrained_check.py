@@ -123,7 +123,7 @@ def run_range(args: argparse.Namespace) -> None:
             if args.projection == "repo":
                 proj = range_projection(points, sensor)
                 image = range_image_channels(points, proj)
-                rows, cols = proj.rows.astype(np.int64), proj.cols.astype(np.int64)
+                rows, cols = proj.rows, proj.cols
                 point_range = proj.range
             else:
                 image, rows, cols = upstream_range_image(points, spec.rows, spec.cols,

@@ -93,7 +93,7 @@ def spherical_cells(xs, ys, zs, n_rows, n_cols, fov_up, fov_down, rows, cols, rn
     """RangeNet++'s spherical projection of points xs, ys, zs (N,) float32 (contiguous: the
     loop vectorises over consecutive points, not over the rows of an (N, 4) cloud, 10x faster),
     in float32, into the (N,)
-    outputs rows, cols (int32, clipped into the image), rng (float32 m, NaN for non-finite
+    outputs rows, cols (int64, clipped into the image), rng (float32 m, NaN for non-finite
     points), valid (finite, range > 0) and in_fov (valid, pitch in [fov_down, fov_up] radians).
     Pitch as atan2(z, hypot(x, y)), equal to asin(z / range) and better conditioned; invalid
     points get the cell of yaw 0, pitch 0 (placeholders that keep indices in bounds)."""
@@ -115,8 +115,8 @@ def spherical_cells(xs, ys, zs, n_rows, n_cols, fov_up, fov_down, rows, cols, rn
         w = np.floor((_F(1.0) - (pitch - fd) / fov) * frows)
         c = c if c > _F(0.0) else _F(0.0)
         w = w if w > _F(0.0) else _F(0.0)
-        cols[i] = np.int32(c if c < col_max else col_max)
-        rows[i] = np.int32(w if w < row_max else row_max)
+        cols[i] = np.int64(c if c < col_max else col_max)
+        rows[i] = np.int64(w if w < row_max else row_max)
         rng[i] = r
         valid[i] = ok
         in_fov[i] = ok & (pitch >= fd) & (pitch <= fu)

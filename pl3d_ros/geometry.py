@@ -463,10 +463,10 @@ class RangeProjection:
     """Points of one LiDAR scan mapped onto a rows x cols spherical range image.
 
     Attributes:
-        rows: (N,) int32 row of every point; points outside the vertical field of view are
+        rows: (N,) int64 row of every point; points outside the vertical field of view are
             clipped to the first / last row (RangeNet++), invalid points (zero range, NaN) get
             the row of pitch 0 as a placeholder.
-        cols: (N,) int32 column of every point (col 0 is directly behind the sensor, col cols/2
+        cols: (N,) int64 column of every point (col 0 is directly behind the sensor, col cols/2
             straight ahead on +x, azimuth increases towards lower columns).
         range: (N,) float32 distance from the sensor origin, metres (NaN for non-finite points).
         in_fov: (N,) bool, valid points whose pitch lies in [fov_down, fov_up].
@@ -576,7 +576,7 @@ def range_projection(points: np.ndarray, cfg: RangeImageConfig) -> RangeProjecti
     cfg.validate()  # a zero-size image or an inverted FOV would otherwise fail obscurely below
     xyz = _as_points(points, dtype=np.float32)
     n, n_rows, n_cols = xyz.shape[0], int(cfg.rows), int(cfg.cols)
-    rows, cols = np.empty(n, np.int32), np.empty(n, np.int32)
+    rows, cols = np.empty(n, np.int64), np.empty(n, np.int64)  # int64: what every indexer takes
     range32, valid, in_fov = np.empty(n, np.float32), np.empty(n, bool), np.empty(n, bool)
     x, y, z = (np.ascontiguousarray(xyz[:, k]) for k in range(3))
     cpu_kernels.spherical_cells(x, y, z, n_rows, n_cols, cfg.fov_up, cfg.fov_down, rows, cols, range32, valid, in_fov)
@@ -603,7 +603,7 @@ def nearest_per_cell(rows: np.ndarray, cols: np.ndarray, range32: np.ndarray, va
     if rows.shape[0] >= 2 ** 31:
         raise ValueError(f"at most 2**31 - 1 points, got {rows.shape[0]}")
     best, winner = np.empty(n_rows * n_cols, np.float32), np.empty(n_rows * n_cols, np.int32)
-    cpu_kernels.nearest_per_cell(np.asarray(rows, np.int32), np.asarray(cols, np.int32),
+    cpu_kernels.nearest_per_cell(np.asarray(rows, np.int64), np.asarray(cols, np.int64),
                                  np.asarray(range32, np.float32), np.asarray(valid, bool), n_cols, best, winner)
     return winner.reshape(n_rows, n_cols)
 

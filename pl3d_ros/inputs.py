@@ -166,7 +166,7 @@ def prepare(frame: Frame, image_size: tuple[int, int], sensor: RangeImageConfig,
         image = resize_crop(frame.image, size, offset, image_size).contiguous()
     proj3d = range_projection(frame.points, sensor)
     range_image = torch.from_numpy(range_image_channels(frame.points, proj3d)[None])
-    rows, cols = torch.from_numpy(proj3d.rows.astype(np.int64)), torch.from_numpy(proj3d.cols.astype(np.int64))
+    rows, cols = torch.from_numpy(proj3d.rows), torch.from_numpy(proj3d.cols)
     if executor is not None:
         in_view, uv = projection.result()
     return NetworkInputs(image=image, range_image=range_image, rows=rows, cols=cols, uv=torch.from_numpy(uv),

@@ -243,7 +243,7 @@ def test_known_points_land_in_known_cells():
     np.testing.assert_array_equal(proj.rows, [row0, row0, row0, 0, 63, 63])
     np.testing.assert_array_equal(proj.in_fov, [True, True, True, False, False, True])
     np.testing.assert_allclose(proj.range[:3], [10.0, 10.0, 5.0])
-    assert proj.rows.dtype == proj.cols.dtype == proj.cell_to_point.dtype == np.int32
+    assert proj.rows.dtype == proj.cols.dtype == np.int64 and proj.cell_to_point.dtype == np.int32
     assert proj.range.dtype == np.float32
     assert proj.cell_to_point[row0, 1024] == 0 and proj.cell_to_point[0, 1024] == 3
     with pytest.raises(ConfigError):

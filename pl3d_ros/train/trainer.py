@@ -83,7 +83,7 @@ def make_sample(frame: Frame, train_ids: np.ndarray, model: ModelConfig, sensor:
     target = torch.from_numpy(train_ids.astype(np.int64))
     in_view = torch.from_numpy(proj.in_view)
     inputs = NetworkInputs(image.contiguous()[None], torch.from_numpy(np.ascontiguousarray(rimg, np.float32))[None],
-                           torch.from_numpy(rp.rows.astype(np.int64)), torch.from_numpy(rp.cols.astype(np.int64)),
+                           torch.from_numpy(rp.rows), torch.from_numpy(rp.cols),
                            torch.from_numpy(uv), in_view, crop.camera)
     return Sample(inputs, target, target[in_view])
 

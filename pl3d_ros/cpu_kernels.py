@@ -226,23 +226,13 @@ def fuse_in_view(image_logits, norm_x, norm_y, uv, cells, cell_logits, bias_2d, 
     l3 = np.empty((c, block), np.float32)
     # flat offsets of the four taps and of the cell, unsigned: numba checks signed indices for
     # Python's negative wrap-around on every access, which stops the gathers from vectorising
-    o00 = np.empty(block, np.uint64)
-    o01 = np.empty(block, np.uint64)
-    o10 = np.empty(block, np.uint64)
-    o11 = np.empty(block, np.uint64)
-    fx = np.empty(block, np.float32)
-    fy = np.empty(block, np.float32)
-    cell = np.empty(block, np.uint64)
+    offsets = np.empty((5, block), np.uint64)
+    o00, o01, o10, o11, cell = offsets[0], offsets[1], offsets[2], offsets[3], offsets[4]
     planes = image_logits.reshape(c, h * w)
-    m2 = np.empty(block, np.float32)
-    m3 = np.empty(block, np.float32)
-    s2 = np.empty(block, np.float32)
-    s3 = np.empty(block, np.float32)
-    d2 = np.empty(block, np.float32)
-    d3 = np.empty(block, np.float32)
-    a2 = np.empty(block, np.float32)
-    a3 = np.empty(block, np.float32)
-    best = np.empty(block, np.float32)
+    # per point of the block: tap weights, maxima, sums, branch weights, best fused probability
+    per_point = np.empty((11, block), np.float32)
+    fx, fy, m2, m3, s2, s3 = per_point[0], per_point[1], per_point[2], per_point[3], per_point[4], per_point[5]
+    d2, d3, a2, a3, best = per_point[6], per_point[7], per_point[8], per_point[9], per_point[10]
     arg = np.empty(block, np.uint8)
     wmax, hmax = _F(w - 1), _F(h - 1)
     fw, fh = _F(w), _F(h)

@@ -173,6 +173,21 @@ def prepare(frame: Frame, image_size: tuple[int, int], sensor: RangeImageConfig,
                          in_view=torch.from_numpy(in_view), camera=camera)
 
 
+def load_cpu_kernels() -> None:
+    """Compile the CPU loops of ``prepare`` and ``point_predictions`` (``cpu_kernels``), or load
+    them from numba's cache, with the signatures a real frame uses, on a few synthetic points:
+    otherwise the first frame pays for it (seconds on a machine's first run, ~0.1 s after)."""
+    points = np.array([[5.0, 1.0, -0.5, 0.3], [-4.0, 2.0, 0.2, 0.1], [3.0, -2.0, -1.0, 0.0]], np.float32)
+    proj = range_projection(points, RangeImageConfig(rows=2, cols=8))
+    range_image_channels(points, proj)
+    camera = CameraModel(np.array([[2.0, 0.0, 4.0], [0.0, 2.0, 1.0], [0.0, 0.0, 1.0]]), 8, 2,
+                         np.array([[0.0, -1.0, 0.0, 0.0], [0.0, 0.0, -1.0, 0.0], [1.0, 0.0, 0.0, 0.0],
+                                   [0.0, 0.0, 0.0, 1.0]]))
+    project_in_view(points[:, :3].astype(np.float64), camera)
+    predict_points(torch.zeros(1, 3, 2, 8), torch.zeros(1, 3, 2, 8), torch.zeros(1, 2, dtype=torch.float64),
+                   torch.from_numpy(proj.rows * 8 + proj.cols), torch.tensor([True, False, False]), (2, 8))
+
+
 def _project_camera(frame: Frame, camera: CameraModel) -> tuple[np.ndarray, np.ndarray]:
     """The camera half of ``prepare``: (in_view (N,), uv (M, 2)) in the network-input camera,
     in float64 (``geometry.project_in_view``)."""

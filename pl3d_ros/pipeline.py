@@ -24,7 +24,8 @@ import torch
 
 from pl3d_ros.cpu_budget import one_torch_thread
 from pl3d_ros.frame import Frame, Prediction
-from pl3d_ros.inputs import NetworkInputs, PointOutputs, PointPredictions, point_outputs, point_predictions, prepare
+from pl3d_ros.inputs import (NetworkInputs, PointOutputs, PointPredictions, load_cpu_kernels, point_outputs,
+                             point_predictions, prepare)
 from pl3d_ros.models.checkpoint import CheckpointHeader
 from pl3d_ros.runtime.base import Backend
 
@@ -50,6 +51,8 @@ class Segmenter:
         # the GIL. The thread starts with the first infer, on the inference thread, so it shares
         # its priority.
         self._helper = ThreadPoolExecutor(1, thread_name_prefix="pl3d-prepare")
+        if self.device.type == "cpu":
+            load_cpu_kernels()
         saved = header.training.get("adaptation", {}).get("fusion_bias")
         self.fusion_bias: tuple[float, float] | None = tuple(float(v) for v in saved) if saved else None
 

@@ -11,6 +11,7 @@ import torch
 from pl3d_ros import cpu_kernels
 from pl3d_ros.config import RangeImageConfig
 from pl3d_ros.geometry import range_projection
+from pl3d_ros.io.kitti import KittiSequence
 
 
 def test_atan2f_within_four_ulp_of_float64_in_every_quadrant():
@@ -66,3 +67,22 @@ def test_fusion_with_one_class_far_more_certain_and_extreme_bias():
         l2d, l3d, labels, conf = predict_points(l2, l3, uv, cells, in_view, (h, w), bias)
         assert labels.tolist() == [want, want, 1] and l2d.tolist() == [2, 2] and l3d.tolist() == [1, 1, 1]
         assert torch.isfinite(conf).all() and (conf <= 1.0 + 1e-6).all()
+
+
+def test_warm_up_compiles_the_signatures_a_real_frame_uses(kitti00):
+    """After load_cpu_kernels a KITTI frame's pre- and postprocess compile nothing more (else the
+    first frame of a node would pay for the compilation)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pl3d_ros.inputs import load_cpu_kernels, point_predictions, prepare
+
+    load_cpu_kernels()
+    kernels = [getattr(cpu_kernels, name) for name in ("spherical_cells", "nearest_per_cell", "cell_channels",
+                                                       "pinhole_in_view", "top_class", "fuse_in_view", "spread_cells")]
+    before = [len(k.signatures) for k in kernels]
+    assert all(n >= 1 for n in before)
+    with ThreadPoolExecutor(1) as pool:
+        inputs = prepare(KittiSequence(kitti00).frame(0), (640, 192), RangeImageConfig(), executor=pool)
+        l2, l3 = torch.randn(1, 10, 192, 640), torch.randn(1, 10, 64, 2048)
+        point_predictions(inputs, l2, l3, (0.1, -0.2), pool)
+    assert [len(k.signatures) for k in kernels] == before

@@ -150,10 +150,11 @@ def prepare(frame: Frame, image_size: tuple[int, int], sensor: RangeImageConfig,
             device: torch.device | str | None = None, executor: Executor | None = None) -> NetworkInputs:
     """Frame -> NetworkInputs for a network with a (width, height) image input and ``sensor``'s
     range image (both from the checkpoint header). ``device``: where the inputs are built and
-    live (None or a CPU: numpy; else ``prepare_on``). ``executor``: the camera projection runs
-    there while the calling thread resizes the image and builds the range image; numpy and
-    torch release the GIL in their loops, so on two idle cores the halves overlap (resizing on
-    the helper instead was 0.3 ms slower per frame, measured side by side). Results are the
+    live (None or a CPU: the compiled loops of ``cpu_kernels``; else ``prepare_on``).
+    ``executor``: the camera projection runs there while the calling thread resizes the image
+    and builds the range image; the compiled loops and torch release the GIL, so on two idle
+    cores the halves overlap (resizing on the helper instead was 0.3 ms slower per frame,
+    measured side by side). Results are the
     same either way."""
     if device is not None and torch.device(device).type != "cpu":
         return prepare_on(frame, image_size, sensor, device)

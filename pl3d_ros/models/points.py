@@ -1,7 +1,9 @@
 """From dense branch outputs to per-point values, and the 2D/3D fusion (METHODS.md section 0).
 
-These run in torch for every backend (a runtime's numpy outputs are wrapped with
-``torch.from_numpy``, no copy), so training, adaptation and inference share one implementation.
+Training and adaptation run these in torch (gradients flow through them); inference's
+postprocess (``predict_points``) runs the same formulas as compiled loops on CPU arrays
+(``cpu_kernels``) and in torch on a device. A runtime's numpy outputs are wrapped with
+``torch.from_numpy``, no copy.
 """
 
 from __future__ import annotations

@@ -310,6 +310,12 @@ class AdaptConfig(Section):
                                           gt=0.0, max=100.0)
     shift_reset_min_ratio: float = setting(0.5, "domain-change reset: ... and smallest jump relative to the shift level",
                                            min=0.0, max=1.0)
+    gate_full_ratio: float = setting(3.0, "shift gate: a branch's shift, relative to the source data's, from which "
+                                     "it learns at the full rate (at 1x it does not learn)", gt=1.0, max=1000.0)
+    gate_reference: str = setting("", "shift gate: frames of the model's training data that give the source "
+                                  "data's shift (as runtime.int8_calibration); \"\" = runtime.int8_calibration")
+    gate_reference_frames: int = setting(16, "shift gate: frames of gate_reference measured (once, when full is "
+                                         "built; scenes alone vary the shift, so not few)", min=1, max=1000)
     collapse_window: int = setting(20, "collapse guard window", unit="frames", min=1)
     collapse_max_class_share: float = setting(0.95, "collapse: share of the most frequent predicted class above this",
                                               min=0.0, max=1.0)

@@ -58,9 +58,10 @@ METHODS = Registry("adaptation method", {
 #: xm and entropy (TENT's term on the fused prediction) the other loss terms; mt the mean teacher
 #: (off: the teacher is the student after every step); restore the stochastic restore (METHODS.md
 #: 5.4), guard the collapse guard (5.5), fusion the shift-aware branch weighting and shift_reset
-#: the restore to the source when the domain changes (both in adapt/fusion.py).
+#: the restore to the source when the domain changes (both in adapt/fusion.py), gate the
+#: learning rate of each branch scaled by its input shift (adapt/shift_gate.py).
 COMPONENTS = ("ce", "mla", "gapp", "connectivity", "negative", "erda", "xm", "mt", "restore", "guard", "fusion",
-              "shift_reset", "entropy")
+              "shift_reset", "entropy", "gate")
 
 #: The components of ``full`` that did not add 0.3 mIoU in the benchmark (README "Online
 #: adaptation"; issue 13): they stay in the code, measured as "full+X" rows of the grids, and are
@@ -70,7 +71,7 @@ COMPONENTS = ("ce", "mla", "gapp", "connectivity", "negative", "erda", "xm", "mt
 #: stochastic restore is on: over the 5 real shifts x 3 seeds it adds +0.52 +- 0.63 (night
 #: +1.64; it was judged inert on 3 shifts x 1 seed before). Negative learning was inert (+0.01,
 #: 0.00) but stays on: it is the loss that is left when the entropy term is ablated.
-OFF_BY_DEFAULT = ("ce", "mla", "gapp", "connectivity", "erda", "xm", "mt")
+OFF_BY_DEFAULT = ("ce", "mla", "gapp", "connectivity", "erda", "xm", "mt", "gate")
 
 #: The components that are loss terms: ``full`` needs one of them on.
 LOSS_COMPONENTS = ("ce", "negative", "erda", "xm", "entropy")

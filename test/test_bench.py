@@ -139,6 +139,16 @@ streams:
         load_grid(path)
 
 
+def test_frame_spec_settings_resolve_against_the_grid_root(tmp_path):
+    spec = base_spec()
+    spec["settings"] = {"runtime.int8_calibration": "sim:source"}
+    spec["methods"]["gated"] = {"adapt.method": "full", "adapt.enable": ["gate"],
+                                "adapt.gate_reference": "data/00, /abs/01"}
+    grid = parse_grid(spec, root=tmp_path, check_inputs=False)
+    assert grid.methods["gated"]["adapt.gate_reference"] == f"{tmp_path.resolve() / 'data/00'},/abs/01"
+    assert grid.settings["runtime.int8_calibration"] == "sim:source"  # a preset is no path
+
+
 def test_cli_reports_a_bad_grid_in_one_line(tmp_path, capsys):
     from pl3d_ros.cli import main
 

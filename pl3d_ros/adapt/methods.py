@@ -34,6 +34,7 @@ from pl3d_ros.adapt import terms as T
 from pl3d_ros.adapt.fusion import BranchShift, ShiftChangeDetector
 from pl3d_ros.adapt.pseudo_labels import PseudoLabeler
 from pl3d_ros.adapt.reliability import reliability_split
+from pl3d_ros.adapt.shift_gate import ShiftGate, reference_shift
 from pl3d_ros.adapt.state import FrameState, PseudoLabels, StepResult, TeacherOutput
 from pl3d_ros.adapt.teacher import CollapseGuard, TeacherStudent
 from pl3d_ros.config import Config
@@ -268,7 +269,8 @@ class Full(Method):
     no refinement at all (GAPP needs MLA's mask classes); gapp off = naive MLA (every point of a
     kept mask takes its class); mt off = teacher momentum 0 (the teacher is the student); ce,
     connectivity, negative, erda, xm, entropy, restore (the stochastic restore), guard (the
-    collapse guard), fusion and shift_reset each drop their own part.
+    collapse guard), fusion and shift_reset each drop their own part; gate (off by default) scales
+    each branch's learning rate by how far its input moved from the source data (adapt/shift_gate.py).
     """
 
     name = "full"
@@ -303,14 +305,25 @@ class Full(Method):
             self.terms.append(entropy(a.weight_entropy))
         self.guard = (CollapseGuard(self.num_classes, a.collapse_window, a.collapse_max_class_share,
                                     a.collapse_max_disagreement) if on["guard"] else None)
-        needs_shift = on["fusion"] or on["shift_reset"]
+        needs_shift = on["fusion"] or on["shift_reset"] or on["gate"]
         self.shift = BranchShift(self.models.source, a.fusion_momentum) if needs_shift else None
+        self.gate = self._shift_gate(cfg, header) if on["gate"] else None
         self.change = (ShiftChangeDetector(a.shift_reset_min_jump, a.shift_reset_min_ratio)
                        if on["shift_reset"] else None)
         self.domain_resets = 0
         if on["fusion"]:
             self.fusion_bias = torch.zeros(2, device=dev)
         self.collapses = 0
+
+    def _shift_gate(self, cfg: Config, header: CheckpointHeader) -> ShiftGate:
+        """The shift gate, its reference measured on the frozen source over frames of the model's
+        training data (adapt.gate_reference, else runtime.int8_calibration)."""
+        from pl3d_ros.runtime.quantization import calibration_feeds
+
+        a, m = cfg.adapt, header.model
+        spec = a.gate_reference or cfg.runtime.int8_calibration
+        feeds = calibration_feeds(spec, a.gate_reference_frames, (m.image_width, m.image_height), header.sensor)
+        return ShiftGate(reference_shift(self.models.source, feeds), a.gate_full_ratio)
 
     def momentum(self, cfg: Config) -> float:
         """mt off: momentum 0, the teacher is the student after every step (what is deployed)."""
@@ -347,6 +360,10 @@ class Full(Method):
                 if self.fusion_bias is not None:
                     self.fusion_bias = self.shift.bias(self.cfg.adapt.fusion_beta).to(self.device)
                 st.update(shift_2d=float(shift[0]), shift_3d=float(shift[1]))
+                if self.gate is not None:
+                    gains = self.gate.gains(shift)
+                    self.models.set_branch_gains(gains)
+                    st.update(gate_2d=gains["image"], gate_3d=gains["range"])
             with torch.no_grad():
                 _, _, source_fused = source_out.probs(state.in_view, self.fusion_bias)
         state.teacher = teacher = teacher_pass(self, state)

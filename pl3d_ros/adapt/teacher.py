@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,9 +159,21 @@ class TeacherStudent:
         (heads and convolutions move the network further per step than BN affines do)."""
         named = dict(self.student.named_parameters())
         norm = norm_parameter_names(self.student)
-        groups = [{"params": [named[n] for n in self.params if n in norm], "lr": self.lr},
-                  {"params": [named[n] for n in self.params if n not in norm], "lr": self.lr * self.other_lr_scale}]
-        return make_optimizer([g for g in groups if g["params"]], self.optimizer_kind, self.lr)
+        groups = []
+        # One group per (branch, kind): set_branch_gains scales a branch's rate (the shift gate).
+        for branch in sorted({n.split(".")[0] for n in self.params}):
+            for is_norm, lr in ((True, self.lr), (False, self.lr * self.other_lr_scale)):
+                params = [named[n] for n in self.params if n.split(".")[0] == branch and (n in norm) == is_norm]
+                if params:
+                    groups.append({"params": params, "lr": lr, "base_lr": lr, "branch": branch})
+        return make_optimizer(groups, self.optimizer_kind, self.lr)
+
+    def set_branch_gains(self, gains: Mapping[str, float]) -> None:
+        """Learning rate of each branch's parameters = its base rate x ``gains[branch]`` (a
+        top-level module name: "image", "range"); a branch not named keeps its base rate. Until
+        the next restore_source, which starts again at the base rates."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * float(gains.get(group["branch"], 1.0))
 
     @torch.no_grad()
     def nonfinite(self) -> list[str]:

@@ -21,8 +21,9 @@ Grid spec (YAML; ``bench/grids/*.yaml``)::
       - {name: continual, kind: sim, domains: [fog, night, sensor], frames_per_domain: 120}
     x-anything: ...                  # keys starting with x- are ignored (YAML anchors live there)
 
-Relative paths resolve against the repository root: the nearest folder above the grid file that
-holds setup.py, else the grid file's folder. Every method's settings are validated with
+Relative paths (inputs, model, and the recordings of FRAME_SPEC_SETTINGS) resolve against the
+repository root: the nearest folder above the grid file that holds setup.py, else the grid file's
+folder. Every method's settings are validated with
 ``Config().replace`` and every input, preset, corruption and checkpoint is checked before anything
 runs (GridError names the entry). Streams: see ``pl3d_ros.eval.streams``.
 
@@ -184,6 +185,21 @@ def _overrides(value: Any, what: str) -> dict[str, Any]:
     return dict(value)
 
 
+#: Settings that name frames of the model's training data (``sim:PRESET`` or comma-separated
+#: recordings): their relative recordings resolve against the grid's root like a stream's inputs.
+FRAME_SPEC_SETTINGS = ("adapt.gate_reference", "runtime.int8_calibration")
+
+
+def _resolve_frame_specs(overrides: dict[str, Any], root: Path) -> dict[str, Any]:
+    out = dict(overrides)
+    for key in FRAME_SPEC_SETTINGS:
+        spec = out.get(key)
+        if isinstance(spec, str) and spec and not spec.startswith("sim:"):
+            out[key] = ",".join(str((root / p.strip()).resolve()) if not Path(p.strip()).is_absolute() else p.strip()
+                                for p in spec.split(",") if p.strip())
+    return out
+
+
 def repo_root(path: Path) -> Path:
     """The nearest folder at or above ``path``'s folder that holds setup.py, else that folder."""
     start = path.resolve().parent
@@ -226,10 +242,11 @@ def parse_grid(data: Any, *, path: str | Path = "<grid>", root: str | Path = "."
     mode = data.get("mode", "lockstep")
     if mode not in MODES:
         raise GridError(f"mode must be one of {list(MODES)}, got {mode!r}")
-    settings = _overrides(data.get("settings"), "settings")
+    settings = _resolve_frame_specs(_overrides(data.get("settings"), "settings"), root)
     if not isinstance(data["methods"], dict):
         raise GridError("methods must be a mapping: name -> dotted settings overrides")
-    methods = {check_name(m, "method"): _overrides(v, f"method {m!r}") for m, v in data["methods"].items()}
+    methods = {check_name(m, "method"): _resolve_frame_specs(_overrides(v, f"method {m!r}"), root)
+               for m, v in data["methods"].items()}
     if not isinstance(data["streams"], list):
         raise GridError("streams must be a list of stream mappings")
     default_model = resolve_model(data.get("model"), root, "model", check_inputs)

@@ -312,6 +312,8 @@ class AdaptConfig(Section):
                                            min=0.0, max=1.0)
     gate_full_ratio: float = setting(3.0, "shift gate: a branch's shift, relative to the source data's, from which "
                                      "it learns at the full rate (at 1x it does not learn)", gt=1.0, max=1000.0)
+    gate_statistics: bool = setting(False, "shift gate: scale each branch's BN running-statistics momentum by "
+                                    "its gate too (gate 0: the statistics stay the source's)")
     gate_reference: str = setting("", "shift gate: frames of the model's training data that give the source "
                                   "data's shift (as runtime.int8_calibration); \"\" = runtime.int8_calibration")
     gate_reference_frames: int = setting(16, "shift gate: frames of gate_reference measured (once, when full is "

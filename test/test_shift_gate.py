@@ -80,3 +80,18 @@ def test_full_with_the_gate_sets_each_branch_rate_from_its_shift(tmp_path):
     lrs = {g["branch"]: g["lr"] / g["base_lr"] for g in ad.method.models.optimizer.param_groups}
     assert lrs == pytest.approx({"image": stats["gate_2d"], "range": stats["gate_3d"]})
     assert ad.method.gate.reference.shape == (2,)
+
+
+def test_gate_on_statistics_holds_a_branch_running_statistics():
+    ts = TeacherStudent(confident_model(), lr=1e-2, momentum=0.0)
+    ts.set_branch_gains({"image": 1.0, "range": 0.0}, statistics=True)
+    bns = {n: m for n, m in ts.student.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    before = {n: m.running_mean.clone() for n, m in bns.items()}
+    inputs = prepare(synthetic_frame(0), (header().model.image_width, header().model.image_height), header().sensor)
+    with torch.no_grad():
+        forward_points(ts.student, inputs)  # train mode: running statistics update by momentum
+    moved = {n.split(".")[0] for n, m in bns.items() if not torch.equal(before[n], m.running_mean)}
+    assert moved == {"image"}
+    ts.set_branch_gains({"image": 0.5, "range": 1.0}, statistics=True)  # from the base momentum
+    assert {bns[n].momentum for n in bns if n.startswith("range")} == {0.1}
+    assert {bns[n].momentum for n in bns if n.startswith("image")} == {0.05}

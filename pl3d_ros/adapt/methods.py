@@ -362,7 +362,7 @@ class Full(Method):
                 st.update(shift_2d=float(shift[0]), shift_3d=float(shift[1]))
                 if self.gate is not None:
                     gains = self.gate.gains(shift)
-                    self.models.set_branch_gains(gains)
+                    self.models.set_branch_gains(gains, statistics=self.cfg.adapt.gate_statistics)
                     st.update(gate_2d=gains["image"], gate_3d=gains["range"])
             with torch.no_grad():
                 _, _, source_fused = source_out.probs(state.in_view, self.fusion_bias)

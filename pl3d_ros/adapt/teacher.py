@@ -153,6 +153,7 @@ class TeacherStudent:
         self.deploy = deploy
         self.optimizer = self._new_optimizer()
         self.updates = 0  # teacher updates since the source (EMA warm-up)
+        self._bn_momentum: dict[str, float] = {}  # the student's BN momenta before any gain
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         """Normalisation parameters at ``lr``, any other trainable ones at ``lr * other_lr_scale``
@@ -168,12 +169,19 @@ class TeacherStudent:
                     groups.append({"params": params, "lr": lr, "base_lr": lr, "branch": branch})
         return make_optimizer(groups, self.optimizer_kind, self.lr)
 
-    def set_branch_gains(self, gains: Mapping[str, float]) -> None:
+    def set_branch_gains(self, gains: Mapping[str, float], statistics: bool = False) -> None:
         """Learning rate of each branch's parameters = its base rate x ``gains[branch]`` (a
         top-level module name: "image", "range"); a branch not named keeps its base rate. Until
-        the next restore_source, which starts again at the base rates."""
+        the next restore_source, which starts again at the base rates. statistics: scale the
+        momentum of the branch's BN running statistics too (gain 0: they stay where they are)."""
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * float(gains.get(group["branch"], 1.0))
+        if not statistics:
+            return
+        for name, m in self.student.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is not None:
+                base = self._bn_momentum.setdefault(name, float(m.momentum))
+                m.momentum = base * float(gains.get(name.split(".")[0], 1.0))
 
     @torch.no_grad()
     def nonfinite(self) -> list[str]:

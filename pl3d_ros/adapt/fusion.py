@@ -23,6 +23,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+#: The branches whose shift is measured: the top-level modules of the two-stream network.
+BRANCHES = ("image", "range")
+
 
 def _kl_to_running(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
     """Mean over channels of KL(N(batch mean, batch var) || N(running mean, running var)) of a
@@ -45,7 +48,7 @@ class BranchShift:
     def __init__(self, model: nn.Module, momentum: float = 0.9) -> None:
         self.momentum = float(momentum)
         self.value: torch.Tensor | None = None
-        self._frame: dict[str, list[torch.Tensor]] = {"image": [], "range": []}
+        self._frame: dict[str, list[torch.Tensor]] = {b: [] for b in BRANCHES}
         self._layers = [(name.split(".")[0], m) for name, m in model.named_modules()
                         if isinstance(m, nn.modules.batchnorm._BatchNorm) and name.split(".")[0] in self._frame]
         self._handles: list = []
@@ -56,7 +59,7 @@ class BranchShift:
         return record
 
     def __enter__(self) -> "BranchShift":
-        self._frame = {"image": [], "range": []}
+        self._frame = {b: [] for b in BRANCHES}
         self._handles = [m.register_forward_hook(self._hook(branch)) for branch, m in self._layers]
         return self
 
@@ -68,9 +71,9 @@ class BranchShift:
     def frame_shift(self) -> torch.Tensor | None:
         """The last measured frame's (image, range) shift (2,), None when the model has no BN
         layer in one of the branches."""
-        if not self._frame["image"] or not self._frame["range"]:
+        if not all(self._frame[b] for b in BRANCHES):
             return None
-        return torch.stack([torch.stack(self._frame["image"]).mean(), torch.stack(self._frame["range"]).mean()])
+        return torch.stack([torch.stack(self._frame[b]).mean() for b in BRANCHES])
 
     def update(self) -> torch.Tensor | None:
         """Fold the last measured frame in -> the smoothed (image, range) shift."""

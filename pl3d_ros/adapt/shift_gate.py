@@ -11,8 +11,9 @@ night 0.163 / 0.048, sensor 0.023 / 0.319, fog 0.496 / 0.172, mixed 0.179 / 0.29
 
 The gate of branch b is clip((shift_b / reference_b - 1) / (full_ratio - 1), 0, 1): 0 up to the
 source data's own shift (the reference: a high quantile of it, measured once on frames of the
-model's training data), 1 from ``full_ratio`` times it on. It scales the learning rate of that branch's parameters only;
-the BN running statistics still follow the target (what repairs a shifted input is left alone).
+model's training data), 1 from ``full_ratio`` times it on. It scales the learning rate of that
+branch's parameters; the BN running statistics still follow the target (what repairs a shifted
+input is left alone) unless ``adapt.gate_statistics`` scales their momentum too.
 
 Off by default (registry.OFF_BY_DEFAULT): on the real grid (imported 3D-MiniNet + ESPNetv2) it
 costs 2.8 fused mIoU. The image branch's BN statistics are Cityscapes', so clean KITTI already
@@ -28,9 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pl3d_ros.adapt.fusion import BranchShift
-
-BRANCHES = ("image", "range")
+from pl3d_ros.adapt.fusion import BRANCHES, BranchShift
 
 #: The reference is this quantile of the per-frame shifts on the source data, not their mean:
 #: scenes alone move a frame's shift by up to 10x there (bundled model, 24 sim:source frames:
@@ -42,8 +41,8 @@ REFERENCE_QUANTILE = 0.9
 @torch.no_grad()
 def reference_shift(model: nn.Module, feeds: Iterable[Mapping[str, np.ndarray]]) -> torch.Tensor:
     """(image, range) shift (2,) of ``model`` (the frozen source, eval mode) on its own data: the
-    REFERENCE_QUANTILE of the per-frame BranchShift over ``feeds`` ({"image" (1, 3, H, W), "range_image" (1, C, h, w)}
-    float32). ValueError when no feed gives a shift (no feeds, or a branch without BN)."""
+    REFERENCE_QUANTILE of the per-frame BranchShift over ``feeds`` ({"image" (1, 3, H, W),
+    "range_image" (1, C, h, w)} float32). ValueError when no feed gives a shift (no feeds, or a branch without BN)."""
     shift = BranchShift(model, 0.0)
     frames = []
     dev = next(model.parameters()).device

@@ -153,7 +153,9 @@ class TeacherStudent:
         self.deploy = deploy
         self.optimizer = self._new_optimizer()
         self.updates = 0  # teacher updates since the source (EMA warm-up)
-        self._bn_momentum: dict[str, float] = {}  # the student's BN momenta before any gain
+        # the student's BN momenta before any gain (set_branch_gains scales from these)
+        self._bn_momentum = {n: float(m.momentum) for n, m in self.student.named_modules()
+                             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is not None}
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         """Normalisation parameters at ``lr``, any other trainable ones at ``lr * other_lr_scale``
@@ -178,10 +180,9 @@ class TeacherStudent:
             group["lr"] = group["base_lr"] * float(gains.get(group["branch"], 1.0))
         if not statistics:
             return
-        for name, m in self.student.named_modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is not None:
-                base = self._bn_momentum.setdefault(name, float(m.momentum))
-                m.momentum = base * float(gains.get(name.split(".")[0], 1.0))
+        modules = dict(self.student.named_modules())
+        for name, base in self._bn_momentum.items():
+            modules[name].momentum = base * float(gains.get(name.split(".")[0], 1.0))
 
     @torch.no_grad()
     def nonfinite(self) -> list[str]:

@@ -65,7 +65,7 @@ import numpy as np
 from pl3d_ros.config import Config, ConfigError
 from pl3d_ros.eval.bench_results import merge, render_markdown
 from pl3d_ros.eval.streams import (GridError, SimBag, StreamSpec, cache_root, check_name, file_digest, parse_stream,
-                                   resolve_model, simulate_bag)
+                                   resolve_model, resolve_path, simulate_bag)
 
 __all__ = ["Grid", "GridError", "Cell", "load_grid", "parse_grid", "run_grid", "run_cell"]
 
@@ -195,8 +195,7 @@ def _resolve_frame_specs(overrides: dict[str, Any], root: Path) -> dict[str, Any
     for key in FRAME_SPEC_SETTINGS:
         spec = out.get(key)
         if isinstance(spec, str) and spec and not spec.startswith("sim:"):
-            out[key] = ",".join(str((root / p.strip()).resolve()) if not Path(p.strip()).is_absolute() else p.strip()
-                                for p in spec.split(",") if p.strip())
+            out[key] = ",".join(str(resolve_path(p.strip(), root, key)) for p in spec.split(",") if p.strip())
     return out
 
 

@@ -166,7 +166,8 @@ class StreamSpec:
         return base | {"domains": [b.key for b in self.bags(seed, max_frames)], "sim_version": sim_version()}
 
 
-def _resolve(path: Any, root: Path, what: str) -> Path:
+def resolve_path(path: Any, root: Path, what: str) -> Path:
+    """``path`` made absolute against the grid's ``root`` (~ expanded); GridError when empty."""
     if not isinstance(path, str) or not path.strip():
         raise GridError(f"{what} must be a non-empty path, got {path!r}")
     p = Path(path).expanduser()
@@ -178,7 +179,7 @@ def resolve_model(model: Any, root: Path, what: str, check: bool = True) -> str:
     exist when ``check``."""
     if model is None or model == "":
         return ""
-    p = _resolve(model, root, what)
+    p = resolve_path(model, root, what)
     if check and not p.is_file():
         raise GridError(f"{what} {p} does not exist (\"\" = the bundled model)")
     return str(p)
@@ -224,7 +225,7 @@ def parse_stream(entry: Any, where: str, root: Path, default_model: str, check_i
             if key in entry:
                 raise GridError(f"{where}: {key} is for sim streams; a real stream has inputs")
         inputs = _names(entry.get("inputs"), f"{where}: inputs must be a list of KITTI sequence folders or bags")
-        paths = [_resolve(p, root, f"{where}: input") for p in inputs]
+        paths = [resolve_path(p, root, f"{where}: input") for p in inputs]
         if check_inputs:
             from pl3d_ros.io.sources import open_source
 

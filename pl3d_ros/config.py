@@ -318,6 +318,12 @@ class AdaptConfig(Section):
                                   "data's shift (as runtime.int8_calibration); \"\" = runtime.int8_calibration")
     gate_reference_frames: int = setting(16, "shift gate: frames of gate_reference measured (once, when full is "
                                          "built; scenes alone vary the shift, so not few)", min=1, max=1000)
+    bn_prior_steps: float = setting(0.0, "BN running statistics of the student: a cumulative average of its batch "
+                                    "statistics since the source, with the source's counted as this many steps "
+                                    "(momentum 1 / (prior + n + 1), DUA-like; 0 = BN's own momentum)",
+                                    min=0.0, max=1e6)
+    bn_momentum_floor: float = setting(0.02, "... the cumulative average's momentum never below this (a "
+                                       "domain the change reset missed is still followed)", min=0.0, max=1.0)
     collapse_window: int = setting(20, "collapse guard window", unit="frames", min=1)
     collapse_max_class_share: float = setting(0.95, "collapse: share of the most frequent predicted class above this",
                                               min=0.0, max=1.0)

@@ -300,3 +300,37 @@ def test_teacher_warm_up_follows_the_student_early_then_settles_at_the_momentum(
     assert ts.updates == 2
     ts.restore_source()
     assert ts.updates == 0
+
+
+def test_bn_prior_makes_running_statistics_a_cumulative_average_with_the_source_as_prior():
+    net = torch.nn.Sequential(torch.nn.BatchNorm1d(3))
+    net[0].running_mean.fill_(1.0)  # the "source" mean
+    ts = TeacherStudent(net, trainable="norm", bn_prior=4.0, bn_floor=0.0)
+    means = [3.0, -2.0, 5.0, 0.5]
+    for k, m in enumerate(means):
+        ts.before_student_forward()
+        ts.student(torch.full((8, 3), m))
+        expected = (4.0 * 1.0 + sum(means[:k + 1])) / (4.0 + k + 1)
+        assert torch.allclose(ts.student[0].running_mean, torch.full((3,), expected), atol=1e-5)
+    # a floor bounds how slowly a long domain is followed; a restore starts the count again
+    ts2 = TeacherStudent(net, trainable="norm", bn_prior=100.0, bn_floor=0.25)
+    ts2.before_student_forward()
+    assert ts2.student[0].momentum == 0.25
+    ts.restore_source()
+    assert ts.bn_updates == 0
+    ts.before_student_forward()
+    assert ts.student[0].momentum == pytest.approx(1.0 / 5.0)
+    # bn_prior 0: BN's own momentum, untouched
+    ts3 = TeacherStudent(net, trainable="norm")
+    ts3.before_student_forward()
+    assert ts3.student[0].momentum == 0.1
+
+
+def test_bn_prior_composes_with_the_gate_statistics_gain():
+    net = torch.nn.Sequential(torch.nn.BatchNorm1d(3))
+    ts = TeacherStudent(net, trainable="norm", bn_prior=1.0, bn_floor=0.0)
+    ts.set_branch_gains({"0": 0.5}, statistics=True)
+    ts.before_student_forward()
+    assert ts.student[0].momentum == pytest.approx(0.5 * 0.5)
+    ts.set_branch_gains({"0": 0.5}, statistics=False)
+    assert ts.student[0].momentum == pytest.approx(1.0 / 3.0)

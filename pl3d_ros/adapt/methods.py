@@ -83,7 +83,8 @@ class Method:
         momentum = self.momentum(cfg)
         self.models = TeacherStudent(source, trainable=self.trainable or a.trainable, optimizer=a.optimizer,
                                      lr=a.lr, momentum=momentum, initial_state=initial_state,
-                                     other_lr_scale=a.other_lr_scale, deploy=self.deploy or a.deploy)
+                                     other_lr_scale=a.other_lr_scale, deploy=self.deploy or a.deploy,
+                                     bn_prior=a.bn_prior_steps, bn_floor=a.bn_momentum_floor)
         self.terms: list[T.LossTerm] = []
         self.bf16 = a.precision == "bf16" or (a.precision == "auto" and native_bf16(self.device))
         self.fusion_bias: torch.Tensor | None = None  # branch log-weights of the fusion (None: plain)
@@ -133,6 +134,7 @@ class Method:
         reliability split, where the method has one), the method's terms per frame averaged over
         the frames, optimizer step and teacher EMA; counts the step on every frame."""
         states = [states] if isinstance(states, FrameState) else list(states)
+        self.models.before_student_forward()
         with self.autocast():
             outs = forward_points_batch(self.models.student, [st.inputs for st in states])
         ctxs, total, values = [], None, {}

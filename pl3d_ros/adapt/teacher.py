@@ -122,13 +122,17 @@ class TeacherStudent:
     momentum: teacher EMA momentum; 0 makes the teacher a copy of the student after every step
     (the TENT and PL baselines, which have no mean teacher). other_lr_scale: learning rate of
     trainable parameters that are not normalisation affines, relative to ``lr``. deploy: which
-    network goes to the backend (``deployed``).
+    network goes to the backend (``deployed``). bn_prior: 0 keeps BN's own momentum for the
+    student's running statistics; > 0 makes them a cumulative average of the batch statistics
+    since the source, the source's weighted as ``bn_prior`` batches (momentum
+    max(1 / (bn_prior + n + 1), bn_floor) at the n-th student forward): in a long domain the
+    deployed statistics are then the domain's average rather than the last ~10 frames'.
     """
 
     def __init__(self, source: nn.Module, *, trainable: str = "norm", optimizer: str = "adam",
                  lr: float = 1e-4, momentum: float = 0.999,
                  initial_state: dict[str, torch.Tensor] | None = None, other_lr_scale: float = 0.1,
-                 deploy: str = "teacher") -> None:
+                 deploy: str = "teacher", bn_prior: float = 0.0, bn_floor: float = 0.02) -> None:
         self.source = copy.deepcopy(source).eval()  # our own copy: the caller's model is left as is
         for p in self.source.parameters():
             p.requires_grad_(False)
@@ -156,6 +160,10 @@ class TeacherStudent:
         # the student's BN momenta before any gain (set_branch_gains scales from these)
         self._bn_momentum = {n: float(m.momentum) for n, m in self.student.named_modules()
                              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is not None}
+        self._bn_modules = dict(self.student.named_modules())
+        self.bn_prior, self.bn_floor = float(bn_prior), float(bn_floor)
+        self.bn_updates = 0  # student forwards since the source (the cumulative average's count)
+        self._stat_gains: dict[str, float] = {}  # per-branch gains of the BN momentum (shift gate)
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         """Normalisation parameters at ``lr``, any other trainable ones at ``lr * other_lr_scale``
@@ -178,11 +186,23 @@ class TeacherStudent:
         momentum of the branch's BN running statistics too (gain 0: they stay where they are)."""
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * float(gains.get(group["branch"], 1.0))
-        if not statistics:
-            return
-        modules = dict(self.student.named_modules())
+        self._stat_gains = {k: float(v) for k, v in gains.items()} if statistics else {}
+        self._set_bn_momentum()
+
+    def _set_bn_momentum(self) -> None:
+        """Each student BN's momentum for its next forward: the schedule's (module docstring of
+        ``__init__``: bn_prior) times its branch's statistics gain."""
+        scheduled = max(1.0 / (self.bn_prior + self.bn_updates + 1.0), self.bn_floor) if self.bn_prior > 0 else None
         for name, base in self._bn_momentum.items():
-            modules[name].momentum = base * float(gains.get(name.split(".")[0], 1.0))
+            m = base if scheduled is None else scheduled
+            self._bn_modules[name].momentum = m * self._stat_gains.get(name.split(".")[0], 1.0)
+
+    def before_student_forward(self) -> None:
+        """Called before each train-mode student forward: sets the BN momenta it updates its
+        running statistics with, and counts it."""
+        if self.bn_prior > 0:
+            self._set_bn_momentum()
+        self.bn_updates += 1
 
     @torch.no_grad()
     def nonfinite(self) -> list[str]:
@@ -219,6 +239,9 @@ class TeacherStudent:
         self.teacher.load_state_dict(state, strict=True)
         self.optimizer = self._new_optimizer()
         self.updates = 0
+        self.bn_updates = 0
+        self._stat_gains = {}
+        self._set_bn_momentum()
 
     @property
     def deployed(self) -> nn.Module:

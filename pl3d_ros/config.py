@@ -301,6 +301,9 @@ class AdaptConfig(Section):
                                     min=0.0, max=100.0)
     entropy_of: str = setting("fused", "full's entropy term: the entropy of the fused prediction (TENT's) or the "
                               "mean of each branch's own", choices=("fused", "branches"))
+    entropy_margin: float = setting(0.0, "the fused entropy term (tent, full): only points with entropy below this x ln C, "
+                                    "weighted exp(margin ln C - entropy) (EATA's reliable entropy; 0 = all points, "
+                                    "TENT's)", min=0.0, max=1.0)
     restore_prob: float = setting(0.01, "stochastic restore: per-element probability per step", min=0.0, max=1.0)
     fusion_beta: float = setting(3.0, "shift-aware fusion: branch log-weight per unit of BN-statistics shift",
                                  min=0.0, max=1000.0)

@@ -334,3 +334,16 @@ def test_bn_prior_composes_with_the_gate_statistics_gain():
     assert ts.student[0].momentum == pytest.approx(0.5 * 0.5)
     ts.set_branch_gains({"0": 0.5}, statistics=False)
     assert ts.student[0].momentum == pytest.approx(1.0 / 3.0)
+
+
+def test_reliable_entropy_keeps_confident_points_weighted_and_drops_the_rest():
+    sure = torch.tensor([[0.97, 0.01, 0.01, 0.01]])
+    unsure = torch.full((1, 4), 0.25)  # entropy ln 4: above any margin < 1
+    probs = torch.cat([sure, unsure]).requires_grad_(True)
+    h = -(sure * sure.log()).sum()
+    e0 = 0.4 * math.log(4)
+    value = losses.reliable_entropy(probs, 0.4)
+    assert float(value.detach()) == pytest.approx(float(torch.exp(e0 - h) * h), rel=1e-5)
+    value.backward()
+    assert torch.all(probs.grad[1] == 0)  # the unsure point gives no gradient
+    assert float(losses.reliable_entropy(unsure, 0.4)) == 0.0

@@ -9,6 +9,8 @@ point qualifies, so callers can add the terms unconditionally.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -126,3 +128,17 @@ def entropy(probs: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     if probs.shape[0] == 0:
         return _zero(probs)
     return -(probs * torch.log(probs.clamp_min(eps))).sum(1).mean()
+
+
+def reliable_entropy(probs: torch.Tensor, margin: float, eps: float = 1e-12) -> torch.Tensor:
+    """EATA's reliable entropy over (N, C) probabilities -> (): the points whose entropy H is
+    below E0 = margin * ln C, each weighted exp(E0 - H) (no gradient through the weight), mean
+    over those points; 0 when none is. High-entropy points give the noisiest gradients and are
+    the ones a confident-wrong step is least able to fix."""
+    h = -(probs * torch.log(probs.clamp_min(eps))).sum(1)
+    e0 = float(margin) * math.log(probs.shape[1])
+    keep = h < e0
+    if not bool(keep.any()):
+        return _zero(probs)
+    hk = h[keep]
+    return (torch.exp(e0 - hk.detach()) * hk).mean()

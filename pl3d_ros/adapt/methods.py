@@ -198,7 +198,7 @@ class Tent(Method):
 
     def __init__(self, cfg: Config, source: torch.nn.Module, header: CheckpointHeader, **kw: Any) -> None:
         super().__init__(cfg, source, header, **kw)
-        self.terms = [T.FusedEntropy()]
+        self.terms = [T.FusedEntropy(margin=cfg.adapt.entropy_margin)]
 
     def step(self, states: FrameState | list[FrameState]) -> StepResult:
         _, total, values = self._student_step(states)
@@ -303,8 +303,8 @@ class Full(Method):
         if on["xm"]:
             self.terms.append(T.CrossModalKL(a.weight_xm))
         if on["entropy"]:
-            entropy = T.BranchEntropy if a.entropy_of == "branches" else T.FusedEntropy
-            self.terms.append(entropy(a.weight_entropy))
+            self.terms.append(T.BranchEntropy(a.weight_entropy) if a.entropy_of == "branches"
+                              else T.FusedEntropy(a.weight_entropy, a.entropy_margin))
         self.guard = (CollapseGuard(self.num_classes, a.collapse_window, a.collapse_max_class_share,
                                     a.collapse_max_disagreement) if on["guard"] else None)
         needs_shift = on["fusion"] or on["shift_reset"] or on["gate"]

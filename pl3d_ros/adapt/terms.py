@@ -62,11 +62,18 @@ def branch_cross_entropy(out: PointOutputs, target: torch.Tensor, in_view: torch
 
 
 class FusedEntropy(LossTerm):
-    """TENT: mean entropy of the student's fused prediction."""
+    """TENT: mean entropy of the student's fused prediction; with ``margin`` > 0 EATA's reliable
+    entropy instead (losses.reliable_entropy: only points below margin * ln C, weighted)."""
 
     name = "entropy"
 
+    def __init__(self, weight: float = 1.0, margin: float = 0.0) -> None:
+        super().__init__(weight)
+        self.margin = float(margin)
+
     def loss(self, ctx: StepContext) -> torch.Tensor:
+        if self.margin > 0:
+            return losses.reliable_entropy(ctx.q_fused, self.margin)
         return losses.entropy(ctx.q_fused)
 
 

@@ -190,8 +190,8 @@ class TeacherStudent:
         self._set_bn_momentum()
 
     def _set_bn_momentum(self) -> None:
-        """Each student BN's momentum for its next forward: the schedule's (module docstring of
-        ``__init__``: bn_prior) times its branch's statistics gain."""
+        """Each student BN's momentum for its next forward: BN's own, or the cumulative
+        average's (``bn_prior`` in the class docstring), times its branch's statistics gain."""
         scheduled = max(1.0 / (self.bn_prior + self.bn_updates + 1.0), self.bn_floor) if self.bn_prior > 0 else None
         for name, base in self._bn_momentum.items():
             m = base if scheduled is None else scheduled

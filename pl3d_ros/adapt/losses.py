@@ -14,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from pl3d_ros.models.points import entropy as point_entropy
+
 IGNORE = -1  # "no label" in every integer label array of pl3d_ros.adapt
 
 
@@ -127,7 +129,7 @@ def entropy(probs: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """TENT: mean Shannon entropy (nats) of (N, C) probabilities -> ()."""
     if probs.shape[0] == 0:
         return _zero(probs)
-    return -(probs * torch.log(probs.clamp_min(eps))).sum(1).mean()
+    return point_entropy(probs, eps, dim=1).mean()
 
 
 def reliable_entropy(probs: torch.Tensor, margin: float, eps: float = 1e-12) -> torch.Tensor:
@@ -135,7 +137,7 @@ def reliable_entropy(probs: torch.Tensor, margin: float, eps: float = 1e-12) -> 
     below E0 = margin * ln C, each weighted exp(E0 - H) (no gradient through the weight), mean
     over those points; 0 when none is. High-entropy points give the noisiest gradients and are
     the ones a confident-wrong step is least able to fix."""
-    h = -(probs * torch.log(probs.clamp_min(eps))).sum(1)
+    h = point_entropy(probs, eps, dim=1)
     e0 = float(margin) * math.log(probs.shape[1])
     keep = h < e0
     if not bool(keep.any()):

@@ -157,10 +157,9 @@ class TeacherStudent:
         self.deploy = deploy
         self.optimizer = self._new_optimizer()
         self.updates = 0  # teacher updates since the source (EMA warm-up)
-        # the student's BN momenta before any gain (set_branch_gains scales from these)
-        self._bn_momentum = {n: float(m.momentum) for n, m in self.student.named_modules()
-                             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is not None}
-        self._bn_modules = dict(self.student.named_modules())
+        # the student's BN layers with their momenta before any gain or schedule, and their branch
+        self._bn = [(m, float(m.momentum), n.split(".")[0]) for n, m in self.student.named_modules()
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is not None]
         self.bn_prior, self.bn_floor = float(bn_prior), float(bn_floor)
         self.bn_updates = 0  # student forwards since the source (the cumulative average's count)
         self._stat_gains: dict[str, float] = {}  # per-branch gains of the BN momentum (shift gate)
@@ -193,9 +192,8 @@ class TeacherStudent:
         """Each student BN's momentum for its next forward: BN's own, or the cumulative
         average's (``bn_prior`` in the class docstring), times its branch's statistics gain."""
         scheduled = max(1.0 / (self.bn_prior + self.bn_updates + 1.0), self.bn_floor) if self.bn_prior > 0 else None
-        for name, base in self._bn_momentum.items():
-            m = base if scheduled is None else scheduled
-            self._bn_modules[name].momentum = m * self._stat_gains.get(name.split(".")[0], 1.0)
+        for module, base, branch in self._bn:
+            module.momentum = (base if scheduled is None else scheduled) * self._stat_gains.get(branch, 1.0)
 
     def before_student_forward(self) -> None:
         """Called before each train-mode student forward: sets the BN momenta it updates its

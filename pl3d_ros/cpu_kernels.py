@@ -217,8 +217,7 @@ def fuse_in_view(image_logits, norm_x, norm_y, uv, cells, cell_logits, bias_2d, 
     2 / W, 2 / H); cell_logits (C, K) float32 read at cells (M,) int64. Per point:
     label_2d (M,) uint8 the 2D branch's first argmax; label (M,) uint8 and conf (M,) float32 the
     first argmax and maximum of the entropy-weighted fusion (``models.points.fuse``: weights
-    exp(-H_b + bias_b[argmax_b]), normalised; bias_2d, bias_3d (C,) float32 log-weights per class
-    of each branch's own top class, all equal for a per-branch bias). Entropies from the logits, H = log S - sum p (l - max),
+    exp(-H_b + bias_b), normalised). Entropies from the logits, H = log S - sum p (l - max),
     so one log per point instead of one per class."""
     c, h, w = image_logits.shape
     m = uv.shape[0]
@@ -235,9 +234,9 @@ def fuse_in_view(image_logits, norm_x, norm_y, uv, cells, cell_logits, bias_2d, 
     fx, fy, m2, m3, s2, s3 = per_point[0], per_point[1], per_point[2], per_point[3], per_point[4], per_point[5]
     d2, d3, a2, a3, best = per_point[6], per_point[7], per_point[8], per_point[9], per_point[10]
     arg = np.empty(block, np.uint8)
-    arg3 = np.empty(block, np.uint8)
     wmax, hmax = _F(w - 1), _F(h - 1)
     fw, fh = _F(w), _F(h)
+    b2, b3 = _F(bias_2d), _F(bias_3d)
     for start in range(0, m, block):
         b = min(block, m - start)
         for j in range(b):
@@ -265,16 +264,14 @@ def fuse_in_view(image_logits, norm_x, norm_y, uv, cells, cell_logits, bias_2d, 
                 r3[j] = grid[cell[j]]
         # maxima (the 2D branch's argmax on the way)
         for j in range(b):
-            m2[j], m3[j], arg[j], arg3[j] = l2[0, j], l3[0, j], 0, 0
+            m2[j], m3[j], arg[j] = l2[0, j], l3[0, j], 0
         for ci in range(1, c):
             r2, r3 = l2[ci], l3[ci]
             for j in range(b):
                 better = r2[j] > m2[j]
                 m2[j] = r2[j] if better else m2[j]
                 arg[j] = ci if better else arg[j]
-                better3 = r3[j] > m3[j]
-                m3[j] = r3[j] if better3 else m3[j]
-                arg3[j] = ci if better3 else arg3[j]
+                m3[j] = r3[j] if r3[j] > m3[j] else m3[j]
         for j in range(b):
             label_2d[start + j] = arg[j]
             s2[j], s3[j], d2[j], d3[j] = 0.0, 0.0, 0.0, 0.0
@@ -292,8 +289,8 @@ def fuse_in_view(image_logits, norm_x, norm_y, uv, cells, cell_logits, bias_2d, 
                 r3[j] = e3
         for j in range(b):
             # -H = sum p (l - max) - log S; weights normalised through their log-ratio
-            neg_h2 = d2[j] / s2[j] - np.log(s2[j]) + bias_2d[arg[j]]
-            neg_h3 = d3[j] / s3[j] - np.log(s3[j]) + bias_3d[arg3[j]]
+            neg_h2 = d2[j] / s2[j] - np.log(s2[j]) + b2
+            neg_h3 = d3[j] / s3[j] - np.log(s3[j]) + b3
             r = _expf_neg(-abs(neg_h2 - neg_h3))  # weight of the less certain branch, relative
             w_hi = _F(1.0) / (_F(1.0) + r)
             w_lo = r * w_hi

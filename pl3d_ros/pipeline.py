@@ -37,9 +37,8 @@ FUSION_KEY = "pl3d.fusion_bias"
 class Segmenter:
     """Runs a two-stream network on Frames. Thread-safe as its backend is (see runtime.base).
 
-    ``fusion_bias``: the log-weights added to the branches' -entropy in the fusion, (2,) per
-    branch or (2, C) per branch and class (``models.points.fuse``); an adapted checkpoint
-    carries the ones it was adapted with (header training.adaptation).
+    ``fusion_bias``: the log-weights (2D, 3D) added to the branches' -entropy in the fusion; an
+    adapted checkpoint carries the ones it was adapted with (header training.adaptation).
     ``device``: where pre- and postprocessing run, the backend's (``Backend.device``)."""
 
     def __init__(self, backend: Backend, header: CheckpointHeader) -> None:
@@ -55,14 +54,7 @@ class Segmenter:
         if self.device.type == "cpu":
             load_cpu_kernels()
         saved = header.training.get("adaptation", {}).get("fusion_bias")
-        self.fusion_bias: torch.Tensor | None = self._bias(torch.tensor(saved)) if saved else None
-
-    def _bias(self, bias: torch.Tensor) -> torch.Tensor:
-        """A fusion bias checked against the class set: a float32 CPU copy, (2,) or (2, C)."""
-        b = bias.detach().to("cpu", torch.float32, copy=True)
-        if tuple(b.shape) not in ((2,), (2, self.num_classes)):
-            raise ValueError(f"fusion bias must be (2,) or (2, {self.num_classes}), got {tuple(b.shape)}")
-        return b
+        self.fusion_bias: tuple[float, float] | None = tuple(float(v) for v in saved) if saved else None
 
     def deploy(self, update: dict[str, torch.Tensor]) -> None:
         """Deploy what the adapter hands over: a state dict for the backend (swapped atomically),
@@ -70,7 +62,7 @@ class Segmenter:
         if FUSION_KEY in update:
             update = dict(update)
             bias = update.pop(FUSION_KEY)
-            self.fusion_bias = self._bias(bias)
+            self.fusion_bias = (float(bias[0]), float(bias[1]))
         if update:
             self.backend.swap_weights(update)
 

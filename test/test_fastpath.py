@@ -252,13 +252,10 @@ def test_top_class_is_the_argmax_and_maximum_of_the_softmax(grad):
     torch.testing.assert_close(conf.detach(), ref.values, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("bias", [None, (-0.7, 0.3), "per_class"])
+@pytest.mark.parametrize("bias", [None, (-0.7, 0.3)])
 def test_point_predictions_match_probs_and_fusion(kitti_frames, bias):
     inputs = prepare(kitti_frames[0], SIZE, header().sensor)
     l2, l3 = _random_logits(inputs)
-    if bias == "per_class":  # (2, C): each branch's weight from its own top class (fusion_agreement)
-        c = l3.shape[1]
-        bias = torch.stack([torch.linspace(-2.0, 1.0, c), torch.linspace(0.5, -1.5, c)])
     new = point_predictions(inputs, l2, l3, bias)
     assert new.labels_2d.shape == (int(inputs.in_view.sum()),) and new.labels_3d.shape == (inputs.num_points,)
     _assert_same_predictions(new, _ref_postprocess(inputs, l2, l3, bias), inputs.in_view)

@@ -423,7 +423,7 @@ class Adapter:
                 "saved_unix_s": time.time(),
                 "resumed_from": self.resumed_from,
                 "fusion_bias": (None if self.method.fusion_bias is None
-                                else self.method.fusion_bias.detach().cpu().tolist()),
+                                else [float(v) for v in self.method.fusion_bias]),
             }
             header = dataclasses.replace(self.header, training=training)  # branches kept
             return save_checkpoint(path, self.method.teacher, header)

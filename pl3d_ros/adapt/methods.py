@@ -31,7 +31,6 @@ import torch
 
 from pl3d_ros import registry
 from pl3d_ros.adapt import terms as T
-from pl3d_ros.adapt.agreement import ClassAgreement
 from pl3d_ros.adapt.fusion import BranchShift, ShiftChangeDetector
 from pl3d_ros.adapt.pseudo_labels import PseudoLabeler
 from pl3d_ros.adapt.reliability import reliability_split
@@ -316,19 +315,7 @@ class Full(Method):
         self.domain_resets = 0
         if on["fusion"]:
             self.fusion_bias = torch.zeros(2, device=dev)
-        self._shift_bias = self.fusion_bias
-        self.agreement = (ClassAgreement(self.num_classes, a.fusion_momentum) if a.fusion_agreement > 0 else None)
-        self._compose_bias()
         self.collapses = 0
-
-    def _compose_bias(self) -> None:
-        """fusion_bias = the shift term (2,) (fusion on) + the agreement term (2, C) (on when
-        adapt.fusion_agreement > 0); (2,) or None without the agreement term."""
-        if self.agreement is None:
-            self.fusion_bias = self._shift_bias
-            return
-        agree = self.agreement.bias(self.cfg.adapt.fusion_agreement).to(self.device)
-        self.fusion_bias = agree if self._shift_bias is None else agree + self._shift_bias[:, None]
 
     def _shift_gate(self, cfg: Config, header: CheckpointHeader) -> ShiftGate:
         """The shift gate, its reference measured on the frozen source over frames of the model's
@@ -349,11 +336,8 @@ class Full(Method):
         self.labeler.reset()
         if self.shift is not None:
             self.shift.reset()
-        if self._shift_bias is not None:
-            self._shift_bias = torch.zeros_like(self._shift_bias)
-        if self.agreement is not None:
-            self.agreement.reset()
-        self._compose_bias()
+        if self.fusion_bias is not None:
+            self.fusion_bias = torch.zeros_like(self.fusion_bias)
         if self.guard is not None:
             self.guard.reset()
         if self.refinement is not None:
@@ -375,9 +359,8 @@ class Full(Method):
                     state.domain_reset = True
                     st["domain_reset"] = True
                 shift = self.shift.update()
-                if self._shift_bias is not None:
-                    self._shift_bias = self.shift.bias(self.cfg.adapt.fusion_beta).to(self.device)
-                    self._compose_bias()
+                if self.fusion_bias is not None:
+                    self.fusion_bias = self.shift.bias(self.cfg.adapt.fusion_beta).to(self.device)
                 st.update(shift_2d=float(shift[0]), shift_3d=float(shift[1]))
                 if self.gate is not None:
                     gains = self.gate.gains(shift)
@@ -398,12 +381,6 @@ class Full(Method):
                 st["collapse"] = True
                 return
         st["collapse"] = False
-        if self.agreement is not None:
-            # measured on the deployed network; the next frames and the weights deployed now use it
-            self.agreement.update(teacher.p2.argmax(1), teacher.p3[state.in_view].argmax(1))
-            self._compose_bias()
-            r = self.agreement.reliability()
-            st.update(agreement_2d=float(r[0].mean()), agreement_3d=float(r[1].mean()))
 
         base, state.thresholds = self.labeler(teacher.fused)
         base = self._viewed(base, state)

@@ -62,10 +62,7 @@ def _fusion(prob_2d: torch.Tensor, prob_3d: torch.Tensor, bias: torch.Tensor | t
     e2, e3 = -entropy(prob_2d, dim=dim), -entropy(prob_3d, dim=dim)
     if bias is not None:
         b = torch.as_tensor(bias, dtype=e2.dtype, device=e2.device)
-        if b.dim() == 2:  # per class: each point's branch weight from the branch's own top class
-            e2, e3 = e2 + b[0][prob_2d.argmax(dim)], e3 + b[1][prob_3d.argmax(dim)]
-        else:
-            e2, e3 = e2 + b[0], e3 + b[1]
+        e2, e3 = e2 + b[0], e3 + b[1]
     w2, w3 = torch.exp(e2).unsqueeze(dim), torch.exp(e3).unsqueeze(dim)
     return (w2 * prob_2d + w3 * prob_3d) / (w2 + w3)
 
@@ -76,9 +73,7 @@ def fuse(prob_2d: torch.Tensor, prob_3d: torch.Tensor, in_view: torch.Tensor,
 
     In view, each branch is weighted by exp(-entropy + bias_b) and the weights normalised; out
     of view the 3D branch stands alone. ``bias`` (2,): log-weights of the 2D and 3D branch (the
-    shift-aware fusion of ``adapt.fusion``; None or zeros: plain entropy weighting); or (2, C):
-    per class, branch b's log-weight at a point is bias[b, its own top class there] (the
-    agreement term of ``adapt.fusion_agreement``, adapt/agreement.py).
+    shift-aware fusion of ``adapt.fusion``; None or zeros: plain entropy weighting).
     """
     fused = prob_3d.clone()
     fused[in_view] = _fusion(prob_2d, prob_3d[in_view], bias, dim=-1)
@@ -191,19 +186,6 @@ def predict_points(logits_2d: torch.Tensor, logits_3d: torch.Tensor, uv: torch.T
     return labels_2d.to(torch.uint8), labels_3d.to(torch.uint8), labels.to(torch.uint8), confidence
 
 
-def class_bias(bias: torch.Tensor | tuple[float, float] | None, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """A fusion bias as ``fuse`` takes it ((2,), (2, C) or None) -> the per-class log-weights of
-    the 2D and 3D branch, two (C,) float32 arrays (a per-branch bias repeated over the classes)."""
-    if bias is None:
-        return np.zeros(num_classes, np.float32), np.zeros(num_classes, np.float32)
-    b = torch.as_tensor(bias).detach().cpu().float()
-    b = b[:, None].expand(2, num_classes) if b.dim() == 1 else b
-    if tuple(b.shape) != (2, num_classes):
-        raise ValueError(f"fusion bias must be (2,) or (2, {num_classes}), got {tuple(b.shape)}")
-    out = b.numpy()
-    return np.ascontiguousarray(out[0]), np.ascontiguousarray(out[1])
-
-
 def _predict_points_np(logits_2d: np.ndarray, logits_3d: np.ndarray, uv: np.ndarray, cells: np.ndarray,
                        in_view: np.ndarray, size: tuple[int, int], bias: torch.Tensor | tuple[float, float] | None,
                        executor: Executor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -216,7 +198,7 @@ def _predict_points_np(logits_2d: np.ndarray, logits_3d: np.ndarray, uv: np.ndar
     view = np.flatnonzero(in_view)
     m, n = view.shape[0], cells.shape[0]
     image = np.ascontiguousarray(logits_2d, dtype=np.float32)
-    b2, b3 = class_bias(bias, c)
+    b2, b3 = (0.0, 0.0) if bias is None else (float(v) for v in torch.as_tensor(bias).detach().cpu().double())
     labels_2d, labels_v, conf_v = np.empty(m, np.uint8), np.empty(m, np.uint8), np.empty(m, np.float32)
     cpu_kernels.fuse_in_view(image, 2.0 / size[1], 2.0 / size[0],
                              np.ascontiguousarray(uv, dtype=np.float64), np.ascontiguousarray(cells[view], dtype=np.int64),

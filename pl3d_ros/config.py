@@ -284,8 +284,6 @@ class AdaptConfig(Section):
     teacher_momentum: float = setting(0.999, "EMA momentum of the teacher per step", min=0.0, max=1.0)
     reliable_confidence: float = setting(0.9, "reliable point: teacher probability >= this ...", min=0.0, max=1.0)
     reliable_variance: float = setting(0.05, "... and teacher/student variance <= this", min=0.0, max=1.0)
-    reliable_agreement: bool = setting(False, "... and, in view, the teacher's 2D and 3D branches agree on the "
-                                       "class (cross-modal agreement; out of view the 3D branch alone votes)")
     weight_ce: float = setting(1.0, "weight of the cross-entropy on the reliable pseudo-labels (full)", min=0.0,
                                max=100.0)
     ce_class_balanced: bool = setting(False, "weight the cross-entropy's classes by 1 / log(1.2 + their share of "

@@ -429,22 +429,3 @@ def test_full_without_entropy_learns_by_negative_learning_alone_and_skips_steps_
     assert "error" not in stats and ad.health().steps == 2  # step 2: no negative round left, no update
     with pytest.raises(ConfigError, match="no loss term"):
         make_cfg(disable=["entropy", "negative"], enable=[])
-
-
-def test_reliable_agreement_keeps_the_ce_off_points_whose_branches_disagree():
-    from pl3d_ros.adapt.reliability import cross_modal_disagreement
-
-    trained = {}
-    for agree in (False, True):
-        method = build_method(make_cfg(enable=["ce"], reliable_agreement=agree), small_model(), header())
-        state = frame_state(synthetic_frame(0), header(), "cpu")
-        method.prepare(state)
-        method.step(state)
-        trained[agree] = state.labels.trained
-        t = state.teacher
-        disagree = cross_modal_disagreement(t.p2, t.p3, state.in_view)
-    assert disagree.any()  # an untrained network: its branches disagree somewhere
-    assert bool((trained[True][disagree] < 0).all())
-    assert bool((trained[False][disagree] >= 0).any())  # without the rule some of them are trained on
-    keep = ~disagree
-    assert torch.equal(trained[True][keep], trained[False][keep])  # elsewhere the split is the same

@@ -10,7 +10,7 @@ import torch
 from pl3d_ros.adapt import losses
 from pl3d_ros.adapt.prototypes import PrototypeBank, class_means
 from pl3d_ros.adapt.pseudo_labels import ClasswiseThresholds, PseudoLabeler
-from pl3d_ros.adapt.reliability import cross_modal_disagreement, reliability_split
+from pl3d_ros.adapt.reliability import reliability_split
 from pl3d_ros.adapt.teacher import (CollapseGuard, TeacherStudent, ema_update, select_trainable,
                                     stochastic_restore)
 from fakes import small_model
@@ -347,11 +347,3 @@ def test_reliable_entropy_keeps_confident_points_weighted_and_drops_the_rest():
     value.backward()
     assert torch.all(probs.grad[1] == 0)  # the unsure point gives no gradient
     assert float(losses.reliable_entropy(unsure, 0.4)) == 0.0
-
-
-def test_cross_modal_disagreement_marks_in_view_points_whose_branches_differ():
-    in_view = torch.tensor([True, False, True, True])
-    p3 = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]])
-    p2 = torch.tensor([[0.8, 0.2], [0.9, 0.1], [0.1, 0.9]])  # the in-view points 0, 2, 3: agree, differ, differ
-    # point 1 is out of view: only the 3D branch votes there, so no disagreement
-    assert cross_modal_disagreement(p2, p3, in_view).tolist() == [False, False, True, True]

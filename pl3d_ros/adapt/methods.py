@@ -33,7 +33,7 @@ from pl3d_ros import registry
 from pl3d_ros.adapt import terms as T
 from pl3d_ros.adapt.fusion import BranchShift, ShiftChangeDetector
 from pl3d_ros.adapt.pseudo_labels import PseudoLabeler
-from pl3d_ros.adapt.reliability import cross_modal_disagreement, reliability_split
+from pl3d_ros.adapt.reliability import reliability_split
 from pl3d_ros.adapt.shift_gate import ShiftGate, reference_shift
 from pl3d_ros.adapt.state import FrameState, PseudoLabels, StepResult, TeacherOutput
 from pl3d_ros.adapt.teacher import CollapseGuard, TeacherStudent
@@ -441,13 +441,8 @@ class Full(Method):
                 if state is first:
                     stats.update(fstats)
             labels = state.labels.filtered
-            veto = state.veto
-            if a.reliable_agreement:
-                t = state.teacher
-                disagree = cross_modal_disagreement(t.p2, t.p3, state.in_view)
-                veto = disagree if veto is None else veto | disagree
             ctx.split = reliability_split(state.teacher.fused, ctx.q_fused, labels, min_confidence=a.reliable_confidence,
-                                          max_variance=a.reliable_variance, veto=veto)
+                                          max_variance=a.reliable_variance, veto=state.veto)
             if state.labels.trained is None:
                 state.labels.trained = ctx.split.target
             if state is first:

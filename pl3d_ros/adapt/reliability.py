@@ -43,16 +43,6 @@ def pair_variance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ((a - b) * 0.5) ** 2
 
 
-def cross_modal_disagreement(p2: torch.Tensor, p3: torch.Tensor, in_view: torch.Tensor) -> torch.Tensor:
-    """p2 (M, C) image branch at the in-view points, p3 (N, C) range branch, in_view (N,) bool
-    -> (N,) bool: in view and the branches' top classes differ. Where the two sensors agree the
-    pseudo-labels are more often right: a branch's errors under a shift are its own (fog's
-    false returns fool the LiDAR, not the camera; night the camera, not the LiDAR)."""
-    out = torch.zeros(p3.shape[0], dtype=torch.bool, device=p3.device)
-    out[in_view] = p2.argmax(1) != p3[in_view].argmax(1)
-    return out
-
-
 def reliability_split(p_teacher: torch.Tensor, q_student: torch.Tensor, labels: torch.Tensor, *,
                       min_confidence: float, max_variance: float,
                       veto: torch.Tensor | None = None) -> Split:

@@ -307,6 +307,11 @@ class AdaptConfig(Section):
     restore_prob: float = setting(0.01, "stochastic restore: per-element probability per step", min=0.0, max=1.0)
     fusion_beta: float = setting(3.0, "shift-aware fusion: branch log-weight per unit of BN-statistics shift",
                                  min=0.0, max=1000.0)
+    fusion_consistency: float = setting(0.0, "full's fusion: branch log-weight per unit of log temporal consistency "
+                                        "of its labels (adapt/consistency.py; needs odometry; 0 = off)",
+                                        min=0.0, max=1000.0)
+    consistency_voxel_m: float = setting(0.3, "temporal consistency: voxel edge that matches a point to the previous "
+                                         "scan's, metres", gt=0.0, max=10.0)
     fusion_momentum: float = setting(0.9, "shift-aware fusion: smoothing of the branch shifts over frames",
                                      min=0.0, max=1.0)
     shift_reset_min_jump: float = setting(0.08, "domain-change reset: smallest jump of a branch's shift that counts",

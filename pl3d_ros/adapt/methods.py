@@ -31,6 +31,7 @@ import torch
 
 from pl3d_ros import registry
 from pl3d_ros.adapt import terms as T
+from pl3d_ros.adapt.consistency import BranchConsistency
 from pl3d_ros.adapt.fusion import BranchShift, ShiftChangeDetector
 from pl3d_ros.adapt.pseudo_labels import PseudoLabeler
 from pl3d_ros.adapt.reliability import reliability_split
@@ -108,6 +109,16 @@ class Method:
     def step(self, states: FrameState | list[FrameState]) -> StepResult:
         """One student step on prepared frames (the first is the newest)."""
         raise NotImplementedError
+
+    def _observe_consistency(self, state: FrameState) -> None:
+        """The deployed network's branch labels on this frame against the last frame's: the
+        consistency term of the fusion that this frame's steps and the next frames use."""
+        frame, view, t = state.frame, state.in_view, state.teacher
+        frame_value = self.consistency.update(frame.points[view.cpu().numpy(), :3], frame.pose, frame.stamp_ns,
+                                              t.p2.argmax(1).cpu().numpy(), t.p3[view].argmax(1).cpu().numpy())
+        self._compose_bias()
+        if frame_value is not None:
+            state.stats.update(consistency_2d=float(frame_value[0]), consistency_3d=float(frame_value[1]))
 
     def refresh(self, state: FrameState) -> None:
         """Re-label a memory frame with the current teacher (nothing to do by default)."""
@@ -240,6 +251,16 @@ class PseudoLabel(Method):
         state.labels = PseudoLabels(labels, labels, labels, labels)
         state.stats["threshold_mean"] = float(np.mean(state.thresholds))
 
+    def _observe_consistency(self, state: FrameState) -> None:
+        """The deployed network's branch labels on this frame against the last frame's: the
+        consistency term of the fusion that this frame's steps and the next frames use."""
+        frame, view, t = state.frame, state.in_view, state.teacher
+        frame_value = self.consistency.update(frame.points[view.cpu().numpy(), :3], frame.pose, frame.stamp_ns,
+                                              t.p2.argmax(1).cpu().numpy(), t.p3[view].argmax(1).cpu().numpy())
+        self._compose_bias()
+        if frame_value is not None:
+            state.stats.update(consistency_2d=float(frame_value[0]), consistency_3d=float(frame_value[1]))
+
     def refresh(self, state: FrameState) -> None:
         """The current teacher's labels under the current class-wise thresholds (the running
         window is not fed again: the frame was counted when it was new)."""
@@ -315,7 +336,19 @@ class Full(Method):
         self.domain_resets = 0
         if on["fusion"]:
             self.fusion_bias = torch.zeros(2, device=dev)
+        self._shift_bias = self.fusion_bias
+        self.consistency = (BranchConsistency(self.num_classes, a.consistency_voxel_m, a.fusion_momentum)
+                            if a.fusion_consistency > 0 else None)
+        self._compose_bias()
         self.collapses = 0
+
+    def _compose_bias(self) -> None:
+        """fusion_bias = the shift term (fusion on) + the consistency term (fusion_consistency > 0)."""
+        if self.consistency is None:
+            self.fusion_bias = self._shift_bias
+            return
+        cons = self.consistency.bias(self.cfg.adapt.fusion_consistency).to(self.device)
+        self.fusion_bias = cons if self._shift_bias is None else self._shift_bias + cons
 
     def _shift_gate(self, cfg: Config, header: CheckpointHeader) -> ShiftGate:
         """The shift gate, its reference measured on the frozen source over frames of the model's
@@ -336,8 +369,11 @@ class Full(Method):
         self.labeler.reset()
         if self.shift is not None:
             self.shift.reset()
-        if self.fusion_bias is not None:
-            self.fusion_bias = torch.zeros_like(self.fusion_bias)
+        if self._shift_bias is not None:
+            self._shift_bias = torch.zeros_like(self._shift_bias)
+        if self.consistency is not None:
+            self.consistency.reset()
+        self._compose_bias()
         if self.guard is not None:
             self.guard.reset()
         if self.refinement is not None:
@@ -359,8 +395,9 @@ class Full(Method):
                     state.domain_reset = True
                     st["domain_reset"] = True
                 shift = self.shift.update()
-                if self.fusion_bias is not None:
-                    self.fusion_bias = self.shift.bias(self.cfg.adapt.fusion_beta).to(self.device)
+                if self._shift_bias is not None:
+                    self._shift_bias = self.shift.bias(self.cfg.adapt.fusion_beta).to(self.device)
+                    self._compose_bias()
                 st.update(shift_2d=float(shift[0]), shift_3d=float(shift[1]))
                 if self.gate is not None:
                     gains = self.gate.gains(shift)
@@ -381,6 +418,8 @@ class Full(Method):
                 st["collapse"] = True
                 return
         st["collapse"] = False
+        if self.consistency is not None:
+            self._observe_consistency(state)
 
         base, state.thresholds = self.labeler(teacher.fused)
         base = self._viewed(base, state)
@@ -392,6 +431,16 @@ class Full(Method):
             self.erda.observe_source(source_out, source_fused.argmax(1), state.in_view)
         state.labels = PseudoLabels(base, refined)
         st["threshold_mean"] = float(np.mean(state.thresholds))
+
+    def _observe_consistency(self, state: FrameState) -> None:
+        """The deployed network's branch labels on this frame against the last frame's: the
+        consistency term of the fusion that this frame's steps and the next frames use."""
+        frame, view, t = state.frame, state.in_view, state.teacher
+        frame_value = self.consistency.update(frame.points[view.cpu().numpy(), :3], frame.pose, frame.stamp_ns,
+                                              t.p2.argmax(1).cpu().numpy(), t.p3[view].argmax(1).cpu().numpy())
+        self._compose_bias()
+        if frame_value is not None:
+            state.stats.update(consistency_2d=float(frame_value[0]), consistency_3d=float(frame_value[1]))
 
     def refresh(self, state: FrameState) -> None:
         """A memory frame re-labelled by the current teacher: base labels under the current

@@ -205,6 +205,7 @@ def _fake_cell(grid: Grid, out: Path, stream: str, method: str, seed: int, fused
     metrics = {"frames": frames, "frames_processed": frames,
                "miou": {"fused": fused, "2d": fused - 10, "3d": fused - 5},
                "miou_all_points": {"fused": fused - 1, "3d": fused - 6},
+               "confusion": {"fused": conf.sum(0).tolist()},  # no miou_present: a cell from before it
                "pseudo_labels": {} if method == "source" else {"base": {"density": 50.0, "precision": 60.0,
                                                                         "density_in_view": 40.0}},
                "adapt_steps": 0 if method == "source" else frames, "wall_s": 2.0,
@@ -230,6 +231,10 @@ def test_merge_means_ablations_windows_and_report(tmp_path):
     status["drive2/full-mla/seed1"] = {"status": "failed", "error": "RuntimeError: boom"}
     r = merge(grid, cells, status, out)
     assert r["summary"]["drive"]["full"]["fused"] == {"mean": 32.0, "std": pytest.approx(2.828, abs=1e-3), "n": 2}
+    # the mIoU over the ground truth's classes, from the confusion of cells that predate it
+    cell = next(c for c in r["cells"] if c["stream"] == "drive" and c["method"] == "full" and c["seed"] == 0)
+    assert cell["fused_present"] == pytest.approx(100 * (np.arange(1, 5).sum() * 50 / (np.arange(1, 5).sum() * 50 + 200)
+                                                        + 0.5) / 2, abs=0.01)
     mo = r["kinds"]["sim"]["mean_over_streams"]["full"]["fused"]  # per seed: (30+15)/2, (34+13)/2
     assert mo["per_seed"] == {"0": 22.5, "1": 23.5} and mo["mean"] == 23.0
     abl = r["ablations"]["sim"]["full-mla"]  # full - full-mla, paired; the failed cell has no pair
@@ -244,6 +249,7 @@ def test_merge_means_ablations_windows_and_report(tmp_path):
     assert r["counts"] == {"cells": 12, "ran": 0, "resumed": 11, "failed": 1, "missing": 0}
     md = render_markdown(r)
     assert "| full | 32.0 ± 2.8 | 14.0 ± 1.4 | 23.0 ± 0.7 |" in md
+    assert "over the classes in the ground truth" in md
     assert "+2.50 ± 2.12" in md and "boom" in md and "min over windows of (method − source)" in md
     for paths in r["plots"].values():
         assert all((out / p).stat().st_size > 1000 for p in paths)

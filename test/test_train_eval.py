@@ -25,6 +25,12 @@ def test_confusion_iou_by_hand():
     cm2 = ConfusionMatrix(3)
     cm2.update(np.array([0]), np.array([0]))
     assert np.isnan(cm2.iou()[1]) and cm2.miou() == 100.0  # absent classes carry no IoU
+    # a class only predicted: IoU 0 in the mean over non-empty unions, left out over present classes
+    cm3 = ConfusionMatrix(3)
+    cm3.update(np.array([0, 0, 0, 2, 1, 1]), np.array([0, 0, 0, 0, 1, 1]))
+    assert cm3.iou()[2] == 0.0 and cm3.miou() == pytest.approx(100 * (3 / 4 + 1 + 0) / 3)
+    assert cm3.miou_present() == pytest.approx(100 * (3 / 4 + 1) / 2)  # the stray point is still a miss of class 0
+    assert np.isnan(ConfusionMatrix(2).miou_present())
     with pytest.raises(ValueError, match="outside"):
         cm2.update(np.array([5]), np.array([0]))
 

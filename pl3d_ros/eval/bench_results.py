@@ -34,7 +34,8 @@ __all__ = ["merge", "render_markdown", "cell_record", "mean_std", "mean_over_str
 
 #: The headline numbers of a cell: name -> (metrics.json section, key); mIoU in %.
 MIOU_KEYS = {"fused": ("miou", "fused"), "2d": ("miou", "2d"), "3d": ("miou", "3d"),
-             "fused_all": ("miou_all_points", "fused"), "3d_all": ("miou_all_points", "3d")}
+             "fused_all": ("miou_all_points", "fused"), "3d_all": ("miou_all_points", "3d"),
+             "fused_present": ("miou_present", "fused")}
 
 
 # --------------------------------------------------------------------------------------------- math
@@ -70,14 +71,15 @@ def paired_differences(a: Mapping[Any, float | None], b: Mapping[Any, float | No
     return {k: float(a[k]) - float(b[k]) for k in a if k in b and _finite(a[k]) and _finite(b[k])}
 
 
-def miou_from_confusion(matrix: np.ndarray) -> float:
-    """mIoU (%) of a (C, C) confusion matrix (rows ground truth), as ConfusionMatrix.miou."""
+def miou_from_confusion(matrix: np.ndarray, present_only: bool = False) -> float:
+    """mIoU (%) of a (C, C) confusion matrix (rows ground truth), as ConfusionMatrix.miou
+    (present_only: .miou_present, the classes in the ground truth)."""
     from pl3d_ros.eval.metrics import ConfusionMatrix
 
     m = np.asarray(matrix, np.int64)
     cm = ConfusionMatrix(m.shape[0])
     cm.matrix = m
-    return cm.miou()
+    return cm.miou_present() if present_only else cm.miou()
 
 
 def window_ranges(frames: int, window: int) -> list[tuple[int, int]]:
@@ -101,9 +103,13 @@ def window_miou(confusion: np.ndarray, window: int) -> list[float]:
 def cell_record(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """The key numbers of one cell from its metrics.json (mIoU in %, times in ms and s)."""
     lat = metrics.get("latency_ms") or {}
+    miou = {k: (metrics.get(sec) or {}).get(key) for k, (sec, key) in MIOU_KEYS.items()}
+    fused_confusion = (metrics.get("confusion") or {}).get("fused")
+    if miou["fused_present"] is None and fused_confusion is not None:  # a cell from before the key
+        miou["fused_present"] = round(miou_from_confusion(fused_confusion, present_only=True), 2)
     return {
         "frames": metrics.get("frames"), "frames_processed": metrics.get("frames_processed"),
-        **{k: (metrics.get(sec) or {}).get(key) for k, (sec, key) in MIOU_KEYS.items()},
+        **miou,
         "pseudo_labels": metrics.get("pseudo_labels") or {},
         "adapt_steps": metrics.get("adapt_steps"), "adapter_errors": metrics.get("adapter_errors"),
         "weight_swaps": metrics.get("weight_swaps"), "wall_s": metrics.get("wall_s"),
@@ -376,6 +382,11 @@ def render_markdown(results: Mapping[str, Any]) -> str:
                          f"{_mean(_pooled(results, streams, m, 'adapt_steps'))} | "
                          f"{_mean(_pooled(results, streams, m, 'adaptation_ms_p50'))} | "
                          f"{_mean(_pooled(results, streams, m, 'wall_s'))} |")
+        lines += ["", "### fused mIoU over the classes in the ground truth (a class only predicted "
+                  "does not enter the mean; eval/metrics.py)", "", head, sep]
+        for m in methods:
+            cells = [_fmt(results["summary"][s][m]["fused_present"], n) for s in streams]
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {_fmt(kd['mean_over_streams'][m]['fused_present'], n)} |")
         lines += ["", "### 2D / 3D mIoU", "", head, sep]
         for m in methods:
             cells = [f"{_fmt(results['summary'][s][m]['2d'], n)} / {_fmt(results['summary'][s][m]['3d'], n)}"

@@ -36,6 +36,7 @@ from pl3d_ros.eval.corruptions import parse_spec  # noqa: E402
 from pl3d_ros.inputs import forward_points  # noqa: E402
 from pl3d_ros.io.sources import open_source  # noqa: E402
 from pl3d_ros.models.checkpoint import load_checkpoint  # noqa: E402
+from pl3d_ros.models.points import Fusion  # noqa: E402
 
 #: name -> refine.* settings
 CONFIGS = {
@@ -87,7 +88,7 @@ def main() -> None:
     for i, f in enumerate(frames):
         st = frame_state(f, header, "cpu", i)
         with torch.no_grad():
-            _, _, fused = forward_points(model, st.inputs).probs(st.in_view)
+            _, _, fused = forward_points(model, st.inputs).probs(st.in_view, rule=Fusion.of(cfg0.runtime.fusion, header))
         base.append(labeler(fused)[0])
         states.append(st)
     print(f"{len(frames)} frames labelled by {resolve_model(args.model).name} in {time.perf_counter() - t0:.0f} s"

@@ -63,7 +63,7 @@ def build_segmenter(cfg: Config, model: torch.nn.Module, header: CheckpointHeade
                              precision=rt.precision, cache_dir=rt.engine_cache_dir or None,
                              device=rt.device or None, force_rebuild=rt.force_rebuild,
                              calibration=default_calibration(header, rt.int8_calibration, rt.int8_calibration_frames))
-    return Segmenter(backend, header)
+    return Segmenter(backend, header, rt.fusion)
 
 
 def adaptation_device() -> torch.device:

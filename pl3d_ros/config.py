@@ -379,6 +379,9 @@ class RuntimeConfig(Section):
     int8_calibration_frames: int = setting(4, "frames of int8_calibration measured for the activation ranges "
                                            "(once at start-up; weight swaps keep them)", min=1, max=1000)
     model: str = setting("", "checkpoint (.safetensors); \"\" = the bundled model (launch argument model:=)")
+    fusion: str = setting("product", "how the branches' per-point class probabilities combine in view, at inference "
+                          "and in adaptation: product (renormalised product: both branches must allow a class) or "
+                          "entropy (Latte's certainty-weighted mixture)", choices=registry.FUSION_RULES)
     device: str = setting("", "torch backend device: cpu | cuda | cuda:N; \"\" = cuda when available")
     engine_cache_dir: str = setting("", "TensorRT engine cache; \"\" = the user's cache directory")
     force_rebuild: bool = setting(False, "rebuild the TensorRT engine even when a cached one fits")

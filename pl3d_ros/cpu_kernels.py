@@ -208,7 +208,7 @@ def top_class(logits, arg, conf, top, total):
 
 
 @numba.njit(fastmath=_FAST, **_JIT)
-def fuse_in_view(image_logits, norm_x, norm_y, uv, cells, cell_logits, bias_2d, bias_3d,
+def fuse_in_view(image_logits, norm_x, norm_y, uv, cells, cell_logits, product, owner, w_2d, w_3d,
                  label_2d, label, conf):
     """The in-view half of the postprocess in one pass over blocks of points.
 
@@ -216,9 +216,13 @@ def fuse_in_view(image_logits, norm_x, norm_y, uv, cells, cell_logits, bias_2d, 
     border padding) at uv (M, 2) float64 pixels of the input image (W x H; norm_x, norm_y =
     2 / W, 2 / H); cell_logits (C, K) float32 read at cells (M,) int64. Per point:
     label_2d (M,) uint8 the 2D branch's first argmax; label (M,) uint8 and conf (M,) float32 the
-    first argmax and maximum of the entropy-weighted fusion (``models.points.fuse``: weights
-    exp(-H_b + bias_b), normalised). Entropies from the logits, H = log S - sum p (l - max),
-    so one log per point instead of one per class."""
+    first argmax and maximum of the fusion (``models.points.fuse``). ``product``: the product
+    rule, softmax(w_2d * log p_2d + w_3d * log p_3d) = softmax(w_2d * l_2d + w_3d * l_3d) (w: its
+    exponents) over the classes whose ``owner`` (C,) uint8 is 0 (shared), the classes only one
+    branch outputs (1 image, 2 range) at that branch's probability (``_product_block``); else the
+    entropy-weighted rule, weights exp(-H_b + w_b) normalised (w: the branch log-weights),
+    entropies from the logits, H = log S - sum p (l - max), so one log per point instead of one
+    per class."""
     c, h, w = image_logits.shape
     m = uv.shape[0]
     block = 256
@@ -236,7 +240,7 @@ def fuse_in_view(image_logits, norm_x, norm_y, uv, cells, cell_logits, bias_2d, 
     arg = np.empty(block, np.uint8)
     wmax, hmax = _F(w - 1), _F(h - 1)
     fw, fh = _F(w), _F(h)
-    b2, b3 = _F(bias_2d), _F(bias_3d)
+    b2, b3 = _F(w_2d), _F(w_3d)
     for start in range(0, m, block):
         b = min(block, m - start)
         for j in range(b):
@@ -275,6 +279,12 @@ def fuse_in_view(image_logits, norm_x, norm_y, uv, cells, cell_logits, bias_2d, 
         for j in range(b):
             label_2d[start + j] = arg[j]
             s2[j], s3[j], d2[j], d3[j] = 0.0, 0.0, 0.0, 0.0
+        if product:
+            _product_block(l2, l3, m2, m3, s2, s3, d2, best, arg, owner, b2, b3, b)
+            for j in range(b):
+                label[start + j] = arg[j]
+                conf[start + j] = best[j]
+            continue
         # exponentials in place: l <- exp(l - max); S and sum exp(l - max) (l - max)
         for ci in range(c):
             r2, r3 = l2[ci], l3[ci]
@@ -307,6 +317,71 @@ def fuse_in_view(image_logits, norm_x, norm_y, uv, cells, cell_logits, bias_2d, 
         for j in range(b):
             label[start + j] = arg[j]
             conf[start + j] = best[j]
+
+
+@numba.njit(fastmath=_FAST, **_JIT)
+def _product_block(l2, l3, m2, m3, s2, s3, scale, best, arg, owner, w2, w3, b):
+    """The product rule of ``fuse_in_view`` on one block of b points: l2 / l3 (C, block) the
+    branches' logits (l2's shared rows are overwritten), m2 / m3 their per-point maxima; s2, s3,
+    scale: scratch. Out: arg (the first argmax) and best (its fused probability)."""
+    c = l2.shape[0]
+    solo = False
+    for ci in range(c):
+        solo = solo or owner[ci] != 0
+    rest = np.ones(b, np.float32)  # the mass the one-branch classes leave to the shared ones
+    for j in range(b):
+        s2[j], s3[j], scale[j] = 1.0, 1.0, 0.0
+        best[j] = _F(-3.0e38)
+    if solo:  # a one-branch class takes its branch's softmax probability: sums of exponentials
+        u2, u3 = np.zeros(b, np.float32), np.zeros(b, np.float32)
+        for j in range(b):
+            s2[j], s3[j] = 0.0, 0.0
+        for ci in range(c):
+            r2, r3 = l2[ci], l3[ci]
+            for j in range(b):
+                e2, e3 = _expf_neg(r2[j] - m2[j]), _expf_neg(r3[j] - m3[j])
+                s2[j] += e2
+                s3[j] += e3
+                u2[j] += e2 if owner[ci] == 1 else _F(0.0)
+                u3[j] += e3 if owner[ci] == 2 else _F(0.0)
+        for j in range(b):
+            rest[j] = (_F(1.0) - u2[j] / s2[j]) * (_F(1.0) - u3[j] / s3[j])
+    # z = w2 (l2 - max2) + w3 (l3 - max3): the log of the product up to a per-point constant,
+    # kept in l2's rows of the shared classes; its maximum and sum of exponentials over them
+    for ci in range(c):
+        if owner[ci] == 0:
+            r2, r3 = l2[ci], l3[ci]
+            for j in range(b):
+                z = w2 * (r2[j] - m2[j]) + w3 * (r3[j] - m3[j])
+                r2[j] = z
+                best[j] = z if z > best[j] else best[j]
+    for ci in range(c):
+        if owner[ci] == 0:
+            r2 = l2[ci]
+            for j in range(b):
+                scale[j] += _expf_neg(r2[j] - best[j])
+    # each class's weight: shared exp(z - max z) / sum x rest, one-branch its branch's
+    # probability; they sum to 1 unless both branches have classes of their own (normalised)
+    top = np.full(b, _F(-1.0), np.float32)
+    norm = np.zeros(b, np.float32)
+    for j in range(b):
+        arg[j] = 0
+        scale[j] = rest[j] / scale[j]
+    for ci in range(c):
+        r2, r3 = l2[ci], l3[ci]
+        for j in range(b):
+            if owner[ci] == 0:
+                w = _expf_neg(r2[j] - best[j]) * scale[j]
+            elif owner[ci] == 1:
+                w = _expf_neg(r2[j] - m2[j]) / s2[j]
+            else:
+                w = _expf_neg(r3[j] - m3[j]) / s3[j]
+            norm[j] += w
+            better = w > top[j]
+            top[j] = w if better else top[j]
+            arg[j] = ci if better else arg[j]
+    for j in range(b):
+        best[j] = top[j] / norm[j]
 
 
 @numba.njit(**_JIT)

@@ -31,7 +31,7 @@ from pl3d_ros.cpu_budget import one_torch_thread
 from pl3d_ros.frame import CameraModel, Frame
 from pl3d_ros import geometry
 from pl3d_ros.geometry import project_in_view, range_image_channels, range_projection
-from pl3d_ros.models.points import fuse, gather_cells, predict_points, sample_pixels
+from pl3d_ros.models.points import Fusion, fuse, gather_cells, predict_points, sample_pixels
 
 
 def cover_size(camera: CameraModel, width: int, height: int, zoom: float = 1.0) -> tuple[int, int]:
@@ -186,7 +186,8 @@ def load_cpu_kernels() -> None:
                                    [0.0, 0.0, 0.0, 1.0]]))
     project_in_view(points[:, :3].astype(np.float64), camera)
     predict_points(torch.zeros(1, 3, 2, 8), torch.zeros(1, 3, 2, 8), torch.zeros(1, 2, dtype=torch.float64),
-                   torch.from_numpy(proj.rows * 8 + proj.cols), torch.tensor([True, False, False]), (2, 8))
+                   torch.from_numpy(proj.rows * 8 + proj.cols), torch.tensor([True, False, False]), (2, 8),
+                   rule="product")
 
 
 def _project_camera(frame: Frame, camera: CameraModel) -> tuple[np.ndarray, np.ndarray]:
@@ -308,13 +309,14 @@ class PointOutputs:
             return self
         return PointOutputs(f(self.logits_2d), f(self.logits_3d), f(self.feat_2d), f(self.feat_3d))
 
-    def probs(self, in_view: torch.Tensor, bias: torch.Tensor | tuple[float, float] | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def probs(self, in_view: torch.Tensor, bias: torch.Tensor | tuple[float, float] | None = None, *,
+              rule: str | Fusion) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (prob_2d (M, C), prob_3d (N, C), fused (N, C)): softmax per branch, then the
-        entropy-weighted fusion that inference deploys (``bias``: its branch log-weights)."""
+        fusion that inference deploys (``models.points.fuse``: ``rule``, ``bias`` its branch
+        log-weights)."""
         p2 = self.logits_2d.softmax(dim=1)
         p3 = self.logits_3d.softmax(dim=1)
-        return p2, p3, fuse(p2, p3, in_view, bias)
+        return p2, p3, fuse(p2, p3, in_view, bias, rule=rule)
 
 
 def point_outputs(inputs: NetworkInputs, logits_2d: torch.Tensor, logits_3d: torch.Tensor,
@@ -356,11 +358,11 @@ class PointPredictions:
 
 def point_predictions(inputs: NetworkInputs, logits_2d: torch.Tensor, logits_3d: torch.Tensor,
                       bias: torch.Tensor | tuple[float, float] | None = None,
-                      executor: Executor | None = None) -> PointPredictions:
+                      executor: Executor | None = None, *, rule: str | Fusion) -> PointPredictions:
     """Dense logits (1, C, H, W) and (1, C, rows, cols) of one frame -> PointPredictions: the
-    argmaxes of ``point_outputs(...).probs(in_view, bias)`` and the fused max (within float
-    rounding: the class sums run in another order), without any (N, C) tensor.
+    argmaxes of ``point_outputs(...).probs(in_view, bias, rule=rule)`` and the fused max (within
+    float rounding: the class sums run in another order), without any (N, C) tensor.
     ``executor``: where the range cells' top classes are found (``models.points.predict_points``)."""
     cells = inputs.rows * logits_3d.shape[-1] + inputs.cols
     return PointPredictions(*predict_points(logits_2d, logits_3d, inputs.uv, cells, inputs.in_view,
-                                            tuple(inputs.image.shape[-2:]), bias, executor))
+                                            tuple(inputs.image.shape[-2:]), bias, executor, rule=rule))

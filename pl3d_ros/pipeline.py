@@ -27,6 +27,7 @@ from pl3d_ros.frame import Frame, Prediction
 from pl3d_ros.inputs import (NetworkInputs, PointOutputs, PointPredictions, load_cpu_kernels, point_outputs,
                              point_predictions, prepare)
 from pl3d_ros.models.checkpoint import CheckpointHeader
+from pl3d_ros.models.points import Fusion
 from pl3d_ros.runtime.base import Backend
 
 
@@ -37,13 +38,16 @@ FUSION_KEY = "pl3d.fusion_bias"
 class Segmenter:
     """Runs a two-stream network on Frames. Thread-safe as its backend is (see runtime.base).
 
-    ``fusion_bias``: the log-weights (2D, 3D) added to the branches' -entropy in the fusion; an
-    adapted checkpoint carries the ones it was adapted with (header training.adaptation).
+    ``fusion``: how the branches combine (``runtime.fusion``; ``models.points.Fusion`` with the
+    header's classes that only one branch outputs);
+    ``fusion_bias``: the fusion's branch log-weights (2D, 3D); an adapted checkpoint carries the
+    ones it was adapted with (header training.adaptation).
     ``device``: where pre- and postprocessing run, the backend's (``Backend.device``)."""
 
-    def __init__(self, backend: Backend, header: CheckpointHeader) -> None:
+    def __init__(self, backend: Backend, header: CheckpointHeader, fusion: str) -> None:
         self.backend = backend
         self.header = header
+        self.fusion = Fusion.of(fusion, header)
         self.num_classes = header.class_set.num_classes
         self.device = torch.device(getattr(backend, "device", "cpu"))
         # One helper thread for the camera half of the CPU preprocess (inputs.prepare) and the 2D
@@ -86,7 +90,8 @@ class Segmenter:
     def predict(self, inputs: NetworkInputs, outputs: dict[str, torch.Tensor]) -> PointPredictions:
         """Backend outputs -> per-point probabilities, fused labels and confidence."""
         helper = self._helper if self.device.type == "cpu" else None  # a GPU queues the work anyway
-        return point_predictions(inputs, outputs["logits_2d"], outputs["logits_3d"], self.fusion_bias, helper)
+        return point_predictions(inputs, outputs["logits_2d"], outputs["logits_3d"], self.fusion_bias, helper,
+                                 rule=self.fusion)
 
     def _sync(self) -> None:
         # GPU work is asynchronous: a stage's time is only known once its kernels are done.

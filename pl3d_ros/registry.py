@@ -104,6 +104,11 @@ RANGE_BRANCHES = Registry("range branch architecture", {
 #: (runtime/quantization.py), not TensorRT's or torch's.
 PRECISIONS = ("auto", "fp16", "fp32", "int8")
 
+#: How the two branches' per-point class probabilities combine in view (``runtime.fusion``,
+#: ``models.points.fuse``): product = the renormalised product (a class must be allowed by both
+#: branches), entropy = Latte's mixture weighted by each branch's per-point certainty.
+FUSION_RULES = ("product", "entropy")
+
 #: Mask providers (``refine.mask_provider``); "auto" picks SAM / MobileSAM when a checkpoint is
 #: set, else superpixels.
 MASK_PROVIDERS = Registry("mask provider", {

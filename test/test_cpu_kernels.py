@@ -50,9 +50,11 @@ def test_spherical_cells_masks_bad_points_and_keeps_indices_in_bounds():
     assert sorted(winners.tolist()) == [0, 5]
 
 
-def test_fusion_with_one_class_far_more_certain_and_extreme_bias():
-    """The log-ratio normalisation of the fusion weights stays finite where exp(-H + b) of the
-    torch formula would overflow (bias 100)."""
+@pytest.mark.parametrize("rule", ["product", "entropy"])
+def test_fusion_with_one_class_far_more_certain_and_extreme_bias(rule):
+    """The fusion stays finite at extreme weights: the entropy rule's log-ratio normalisation
+    where exp(-H + b) of the torch formula would overflow (bias 100), the product's exponents
+    (2 softmax(bias) = (0, 2)) where a branch is all but switched off."""
     from pl3d_ros.models.points import predict_points
 
     c, h, w = 4, 2, 3
@@ -64,7 +66,7 @@ def test_fusion_with_one_class_far_more_certain_and_extreme_bias():
     cells = torch.tensor([0, 4, 2], dtype=torch.int64)
     in_view = torch.tensor([True, True, False])
     for bias, want in (((0.0, 0.0), 2), ((-100.0, 100.0), 1)):
-        l2d, l3d, labels, conf = predict_points(l2, l3, uv, cells, in_view, (h, w), bias)
+        l2d, l3d, labels, conf = predict_points(l2, l3, uv, cells, in_view, (h, w), bias, rule=rule)
         assert labels.tolist() == [want, want, 1] and l2d.tolist() == [2, 2] and l3d.tolist() == [1, 1, 1]
         assert torch.isfinite(conf).all() and (conf <= 1.0 + 1e-6).all()
 
@@ -84,5 +86,6 @@ def test_warm_up_compiles_the_signatures_a_real_frame_uses(kitti00):
     with ThreadPoolExecutor(1) as pool:
         inputs = prepare(KittiSequence(kitti00).frame(0), (640, 192), RangeImageConfig(), executor=pool)
         l2, l3 = torch.randn(1, 10, 192, 640), torch.randn(1, 10, 64, 2048)
-        point_predictions(inputs, l2, l3, (0.1, -0.2), pool)
+        for rule in ("product", "entropy"):  # one kernel: the rule is an argument, not a signature
+            point_predictions(inputs, l2, l3, (0.1, -0.2), pool, rule=rule)
     assert [len(k.signatures) for k in kernels] == before

@@ -19,8 +19,9 @@ from pl3d_ros.geometry import (nearest_per_cell, project_in_view, project_points
 from pl3d_ros.inputs import (NetworkInputs, fit_camera, point_outputs, point_predictions, prepare, prepare_on,
                              resize_crop)
 from pl3d_ros.io.kitti import KittiSequence
-from pl3d_ros.models.points import max_argmax
+from pl3d_ros.models.points import IMAGE_ONLY, RANGE_ONLY, Fusion, max_argmax
 from pl3d_ros.pipeline import Segmenter
+from pl3d_ros.registry import FUSION_RULES
 from pl3d_ros.runtime.torch_backend import TorchBackend
 from fakes import header, small_model, synthetic_frame
 
@@ -66,8 +67,8 @@ def _ref_prepare(frame: Frame, image_size, sensor) -> NetworkInputs:
                          torch.from_numpy(proj.in_view), camera)
 
 
-def _ref_postprocess(inputs: NetworkInputs, l2: torch.Tensor, l3: torch.Tensor, bias=None):
-    p2, p3, fused = point_outputs(inputs, l2, l3).probs(inputs.in_view, bias)
+def _ref_postprocess(inputs: NetworkInputs, l2: torch.Tensor, l3: torch.Tensor, bias=None, rule="product"):
+    p2, p3, fused = point_outputs(inputs, l2, l3).probs(inputs.in_view, bias, rule=rule)
     conf, labels = fused.max(-1)
     return p2, p3, fused, labels, conf
 
@@ -252,18 +253,26 @@ def test_top_class_is_the_argmax_and_maximum_of_the_softmax(grad):
     torch.testing.assert_close(conf.detach(), ref.values, atol=1e-6, rtol=1e-5)
 
 
+# a class only the range branch outputs (parking under a Cityscapes image branch), one only the image branch
+_OWNED = Fusion("product", (0,) * 5 + (RANGE_ONLY,) + (0,) * 3 + (IMAGE_ONLY,))
+
+
+@pytest.mark.parametrize("rule", [*FUSION_RULES, _OWNED])
 @pytest.mark.parametrize("bias", [None, (-0.7, 0.3)])
-def test_point_predictions_match_probs_and_fusion(kitti_frames, bias):
+def test_point_predictions_match_probs_and_fusion(kitti_frames, bias, rule):
     inputs = prepare(kitti_frames[0], SIZE, header().sensor)
     l2, l3 = _random_logits(inputs)
-    new = point_predictions(inputs, l2, l3, bias)
+    new = point_predictions(inputs, l2, l3, bias, rule=rule)
     assert new.labels_2d.shape == (int(inputs.in_view.sum()),) and new.labels_3d.shape == (inputs.num_points,)
-    _assert_same_predictions(new, _ref_postprocess(inputs, l2, l3, bias), inputs.in_view)
+    _assert_same_predictions(new, _ref_postprocess(inputs, l2, l3, bias, rule), inputs.in_view)
+    # the torch twin of the compiled loops (device tensors take it) agrees too
+    twin = point_predictions(inputs, l2.requires_grad_(), l3, bias, rule=rule)
+    _assert_same_predictions(twin, _ref_postprocess(inputs, l2.detach(), l3, bias, rule), inputs.in_view)
 
 
 def test_segmenter_prediction_matches_the_reference_pipeline(kitti_frames, one_torch_thread):
     model, h = small_model(), header()
-    seg = Segmenter(TorchBackend(model, h.input_shapes, device="cpu"), h)
+    seg = Segmenter(TorchBackend(model, h.input_shapes, device="cpu"), h, "product")
     seg.fusion_bias = (0.2, -0.1)
     for frame in kitti_frames:
         pred = seg.infer(frame)
@@ -324,7 +333,7 @@ class _DeviceSegmenter(Segmenter):
 def test_device_segmenter_on_cpu_tensors_matches_the_cpu_path(kitti_frames, one_torch_thread):
     model, h = small_model(), header()
     backend = TorchBackend(model, h.input_shapes, device="cpu")
-    cpu, dev = Segmenter(backend, h), _DeviceSegmenter(backend, h)
+    cpu, dev = Segmenter(backend, h, "product"), _DeviceSegmenter(backend, h, "product")
     for frame in kitti_frames:
         a, b = cpu.infer(frame), dev.infer(frame)
         np.testing.assert_array_equal(a.in_view, b.in_view)
@@ -352,8 +361,8 @@ def test_device_path_on_the_gpu_matches_the_cpu_path(kitti_frames):
     model, h = small_model(), header()
     for frame in kitti_frames:
         _assert_device_inputs_match(prepare(frame, SIZE, h.sensor, "cuda"), prepare(frame, SIZE, h.sensor))
-    cpu = Segmenter(TorchBackend(model, h.input_shapes, device="cpu"), h)
-    gpu = Segmenter(TorchBackend(model, h.input_shapes, device="cuda"), h)
+    cpu = Segmenter(TorchBackend(model, h.input_shapes, device="cpu"), h, "product")
+    gpu = Segmenter(TorchBackend(model, h.input_shapes, device="cuda"), h, "product")
     assert gpu.device.type == "cuda"
     for frame in kitti_frames:
         a, b = cpu.infer(frame), gpu.infer(frame)
@@ -373,7 +382,8 @@ def test_helper_thread_gives_the_same_inputs_and_predictions(kitti_frames, one_t
             for name in ("image", "range_image", "rows", "cols", "uv", "in_view"):
                 assert torch.equal(getattr(a, name), getattr(b, name)), name
             l2, l3 = _random_logits(a)
-            p, q = point_predictions(a, l2, l3, (0.1, 0.2)), point_predictions(a, l2, l3, (0.1, 0.2), pool)
+            p = point_predictions(a, l2, l3, (0.1, 0.2), rule="product")
+            q = point_predictions(a, l2, l3, (0.1, 0.2), pool, rule="product")
             for name in ("labels_2d", "labels_3d", "labels", "confidence"):
                 assert torch.equal(getattr(p, name), getattr(q, name)), name
 
@@ -395,8 +405,8 @@ def test_postprocess_takes_half_precision_logits(kitti_frames):
     """bf16 logits (a torch backend under autocast) are post-processed in float32."""
     inputs = prepare(kitti_frames[0], SIZE, header().sensor)
     l2, l3 = (t.bfloat16() for t in _random_logits(inputs))
-    ref = point_predictions(inputs, l2.float(), l3.float())  # the same logits, float32 arithmetic
-    half = point_predictions(inputs, l2, l3)
+    ref = point_predictions(inputs, l2.float(), l3.float(), rule="product")  # the same logits, float32 arithmetic
+    half = point_predictions(inputs, l2, l3, rule="product")
     for name in ("labels_2d", "labels_3d", "labels", "confidence"):
         assert torch.equal(getattr(half, name), getattr(ref, name)), name
 

@@ -6,13 +6,15 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 import torch
 
 from fakes import header, small_model, synthetic_frame
 from pl3d_ros.adapt.fusion import BranchShift
 from pl3d_ros.inputs import forward_points, prepare
-from pl3d_ros.models.points import fuse
+from pl3d_ros.models.points import RANGE_ONLY, SHARED, Fusion, fuse
 from pl3d_ros.pipeline import FUSION_KEY, Segmenter
+from pl3d_ros.registry import FUSION_RULES
 
 
 def _inputs(frame):
@@ -45,13 +47,56 @@ def test_a_shifted_image_shows_as_image_branch_shift():
     assert shift.bias(3.0)[0] < shift.bias(3.0)[1]  # so the image branch is trusted less
 
 
-def test_biased_fusion_trusts_the_less_shifted_branch():
+@pytest.mark.parametrize("rule", FUSION_RULES)
+def test_biased_fusion_trusts_the_less_shifted_branch(rule):
     p2 = torch.tensor([[0.9, 0.1]])
     p3 = torch.tensor([[0.2, 0.8]])
     iv = torch.tensor([True])
-    assert fuse(p2, p3, iv)[0].argmax() == 0  # 2D is more confident
-    assert fuse(p2, p3, iv, (-3.0, 0.0))[0].argmax() == 1  # ... but its input shifted
-    assert torch.allclose(fuse(p2, p3, iv, (0.0, 0.0)), fuse(p2, p3, iv))
+    assert fuse(p2, p3, iv, rule=rule)[0].argmax() == 0  # 2D is more confident
+    assert fuse(p2, p3, iv, (-3.0, 0.0), rule=rule)[0].argmax() == 1  # ... but its input shifted
+    assert torch.allclose(fuse(p2, p3, iv, (0.0, 0.0), rule=rule), fuse(p2, p3, iv, rule=rule))
+
+
+def test_product_fusion_needs_both_branches_to_allow_a_class():
+    """The product rule: a class one branch rules out is not fused in, however confident the
+    other branch is about it (the entropy rule follows the confident branch); equal exponents
+    are the plain renormalised product, exponents 2 softmax(bias)."""
+    p2 = torch.tensor([[0.90, 0.09, 0.01]])  # the image branch: class 0, confidently
+    p3 = torch.tensor([[0.001, 0.60, 0.399]])  # the range branch rules class 0 out
+    iv = torch.tensor([True])
+    assert fuse(p2, p3, iv, rule="entropy")[0].argmax() == 0
+    prod = fuse(p2, p3, iv, rule="product")[0]
+    assert prod.argmax() == 1
+    expected = p2[0] * p3[0] / (p2[0] * p3[0]).sum()
+    torch.testing.assert_close(prod, expected)
+    a = 2 * torch.softmax(torch.tensor([0.5, -0.5]), 0)
+    biased = p2[0] ** a[0] * p3[0] ** a[1]
+    torch.testing.assert_close(fuse(p2, p3, iv, (0.5, -0.5), rule="product")[0], biased / biased.sum())
+    with pytest.raises(ValueError, match="fusion rule"):
+        fuse(p2, p3, iv, rule="mean")
+
+
+def test_product_fusion_lets_the_branch_that_knows_a_class_decide_it():
+    """A class the image branch has no output for (parking under a Cityscapes network: its
+    probability there is ~0) is no veto: it takes the range branch's probability and the shared
+    classes divide the rest by the product. The owners come from the imported class map."""
+    from pl3d_ros.models.checkpoint import BranchSpec
+
+    p2 = torch.tensor([[0.7, 0.3, 1e-30]])  # class 2: no output in the image branch
+    p3 = torch.tensor([[0.1, 0.3, 0.6]])
+    iv = torch.tensor([True])
+    assert fuse(p2, p3, iv, rule="product")[0].argmax() != 2  # a plain product: vetoed
+    fusion = Fusion("product", (SHARED, SHARED, RANGE_ONLY))
+    q = fuse(p2, p3, iv, rule=fusion)[0]
+    shared = p2[0, :2] * p3[0, :2] / (p2[0, :2] * p3[0, :2]).sum()
+    torch.testing.assert_close(q, torch.cat([shared * 0.4, torch.tensor([0.6])]))
+    assert q.argmax() == 2
+    h = header()
+    names = h.class_set.names
+    spec = BranchSpec("espnetv2", {}, {}, [], {n: ([] if n == "parking" else [n]) for n in names})
+    owned = Fusion.of("product", dataclasses.replace(h, branches={"image": spec}))
+    assert owned.owner == tuple(RANGE_ONLY if n == "parking" else SHARED for n in names)
+    assert Fusion.of("product", h).owner == ()  # trained branches: every class shared
 
 
 def test_segmenter_deploys_the_fusion_beside_the_weights():
@@ -61,7 +106,7 @@ def test_segmenter_deploys_the_fusion_beside_the_weights():
         def swap_weights(self, state):
             swapped.append(state)
 
-    seg = Segmenter(Backend(), header())
+    seg = Segmenter(Backend(), header(), "product")
     assert seg.fusion_bias is None
     seg.deploy({"w": torch.ones(1), FUSION_KEY: torch.tensor([-1.5, 0.0])})
     assert seg.fusion_bias == (-1.5, 0.0) and swapped == [{"w": torch.ones(1)}]

@@ -35,7 +35,7 @@ def test_fusion_weights_by_negative_entropy():
     p2 = torch.tensor([[0.9, 0.1]])
     p3 = torch.tensor([[0.5, 0.5], [0.2, 0.8]])
     in_view = torch.tensor([True, False])
-    out = fuse(p2, p3, in_view)
+    out = fuse(p2, p3, in_view, rule="entropy")
     h2 = -(0.9 * np.log(0.9) + 0.1 * np.log(0.1))
     h3 = np.log(2.0)
     w2, w3 = np.exp(-h2), np.exp(-h3)

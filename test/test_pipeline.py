@@ -32,7 +32,7 @@ def test_segmenter_on_a_kitti_frame(kitti00, backend):
     model, h = small_model(), header()
     be = (TorchBackend(model, h.input_shapes, device="cpu") if backend == "torch"
           else OnnxRuntimeBackend(model, h, providers=["CPUExecutionProvider"]))
-    pred = Segmenter(be, h).infer(frame)
+    pred = Segmenter(be, h, "product").infer(frame)
     n = frame.num_points
     assert pred.labels.shape == (n,) and pred.labels.max() < 10
     assert 0.10 < pred.in_view.mean() < 0.25  # ~15% of a KITTI scan is in image_2's view

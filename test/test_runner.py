@@ -418,7 +418,7 @@ def test_real_segmenter_end_to_end_on_bag_frames(bag_frames):
     from pl3d_ros.runtime.torch_backend import TorchBackend
 
     h = header()
-    seg = Segmenter(TorchBackend(small_model(), h.input_shapes, device="cpu"), h)
+    seg = Segmenter(TorchBackend(small_model(), h.input_shapes, device="cpu"), h, "product")
     clouds: list[tuple[int, int, int]] = []
 
     def output(frame, pred):

@@ -41,6 +41,7 @@ from pl3d_ros.adapt.teacher import CollapseGuard, TeacherStudent
 from pl3d_ros.config import Config
 from pl3d_ros.inputs import NetworkInputs, PointOutputs, forward_points, point_outputs
 from pl3d_ros.models.checkpoint import CheckpointHeader
+from pl3d_ros.models.points import Fusion
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,6 +89,7 @@ class Method:
                                      bn_prior=a.bn_prior_steps, bn_floor=a.bn_momentum_floor)
         self.terms: list[T.LossTerm] = []
         self.bf16 = a.precision == "bf16" or (a.precision == "auto" and native_bf16(self.device))
+        self.fusion = Fusion.of(cfg.runtime.fusion, header)  # the deployed segmenter's (models.points.fuse)
         self.fusion_bias: torch.Tensor | None = None  # branch log-weights of the fusion (None: plain)
 
     def momentum(self, cfg: Config) -> float:
@@ -109,16 +111,6 @@ class Method:
     def step(self, states: FrameState | list[FrameState]) -> StepResult:
         """One student step on prepared frames (the first is the newest)."""
         raise NotImplementedError
-
-    def _observe_consistency(self, state: FrameState) -> None:
-        """The deployed network's branch labels on this frame against the last frame's: the
-        consistency term of the fusion that this frame's steps and the next frames use."""
-        frame, view, t = state.frame, state.in_view, state.teacher
-        frame_value = self.consistency.update(frame.points[view.cpu().numpy(), :3], frame.pose, frame.stamp_ns,
-                                              t.p2.argmax(1).cpu().numpy(), t.p3[view].argmax(1).cpu().numpy())
-        self._compose_bias()
-        if frame_value is not None:
-            state.stats.update(consistency_2d=float(frame_value[0]), consistency_3d=float(frame_value[1]))
 
     def refresh(self, state: FrameState) -> None:
         """Re-label a memory frame with the current teacher (nothing to do by default)."""
@@ -151,7 +143,7 @@ class Method:
         ctxs, total, values = [], None, {}
         for st, out in zip(states, outs):
             out = out.float()
-            _, _, qf = out.probs(st.in_view, self.fusion_bias)
+            _, _, qf = out.probs(st.in_view, self.fusion_bias, rule=self.fusion)
             ctx = T.StepContext(st, out, qf)
             if split_fn is not None:
                 split_fn(ctx)
@@ -222,7 +214,7 @@ def teacher_pass(method: Method, state: FrameState) -> TeacherOutput:
     with torch.no_grad(), method.autocast():
         out = forward_points(method.models.teacher, state.inputs).float()
     with torch.no_grad():
-        p2, p3, pf = out.probs(state.in_view, method.fusion_bias)
+        p2, p3, pf = out.probs(state.in_view, method.fusion_bias, rule=method.fusion)
     if not (bool(torch.isfinite(pf).all()) and bool(torch.isfinite(p2).all())):
         raise NonFiniteOutputs("the deployed network's outputs on this frame are not finite")
     return TeacherOutput(p2, p3, pf)
@@ -250,16 +242,6 @@ class PseudoLabel(Method):
         labels, state.thresholds = self.labeler(state.teacher.fused)
         state.labels = PseudoLabels(labels, labels, labels, labels)
         state.stats["threshold_mean"] = float(np.mean(state.thresholds))
-
-    def _observe_consistency(self, state: FrameState) -> None:
-        """The deployed network's branch labels on this frame against the last frame's: the
-        consistency term of the fusion that this frame's steps and the next frames use."""
-        frame, view, t = state.frame, state.in_view, state.teacher
-        frame_value = self.consistency.update(frame.points[view.cpu().numpy(), :3], frame.pose, frame.stamp_ns,
-                                              t.p2.argmax(1).cpu().numpy(), t.p3[view].argmax(1).cpu().numpy())
-        self._compose_bias()
-        if frame_value is not None:
-            state.stats.update(consistency_2d=float(frame_value[0]), consistency_3d=float(frame_value[1]))
 
     def refresh(self, state: FrameState) -> None:
         """The current teacher's labels under the current class-wise thresholds (the running
@@ -404,7 +386,7 @@ class Full(Method):
                     self.models.set_branch_gains(gains, statistics=self.cfg.adapt.gate_statistics)
                     st.update(gate_2d=gains["image"], gate_3d=gains["range"])
             with torch.no_grad():
-                _, _, source_fused = source_out.probs(state.in_view, self.fusion_bias)
+                _, _, source_fused = source_out.probs(state.in_view, self.fusion_bias, rule=self.fusion)
         state.teacher = teacher = teacher_pass(self, state)
         if self.guard is not None:
             check = self.guard.observe(teacher.fused.argmax(1), source_fused.argmax(1))

@@ -9,12 +9,15 @@ postprocess (``predict_points``) runs the same formulas as compiled loops on CPU
 from __future__ import annotations
 
 from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pl3d_ros import cpu_kernels
+from pl3d_ros.registry import FUSION_RULES
 
 
 def gather_cells(grid: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -56,9 +59,90 @@ def entropy(p: torch.Tensor, eps: float = 1e-12, dim: int = -1) -> torch.Tensor:
     return -(p * torch.log(p.clamp_min(eps))).sum(dim)
 
 
+#: ``Fusion.owner`` values: a class both branches output, one only the image branch outputs, one
+#: only the range branch outputs.
+SHARED, IMAGE_ONLY, RANGE_ONLY = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """How the two branches' per-point class probabilities combine in view.
+
+    rule: ``registry.FUSION_RULES`` (``runtime.fusion``). owner: per class, ``SHARED`` or the one
+    branch that can output it (an imported branch whose class map has no source for a class:
+    parking for a Cityscapes image network); () = every class shared. The product rule lets only
+    the branch that knows such a class decide its probability (``fuse``).
+    """
+
+    rule: str
+    owner: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.rule not in FUSION_RULES:
+            raise ValueError(f"fusion rule must be one of {', '.join(FUSION_RULES)}, got {self.rule!r}")
+        if self.owner and SHARED not in self.owner:
+            raise ValueError("the fusion needs at least one class that both branches output")
+
+    @classmethod
+    def of(cls, rule: "str | Fusion", header: Any = None) -> "Fusion":
+        """``rule`` as a Fusion; with a checkpoint header, the classes an imported branch has
+        no output for (an empty entry of its class map) belong to the other branch."""
+        if isinstance(rule, Fusion):
+            return rule
+        branches = getattr(header, "branches", None) or {}
+        if not branches:
+            return cls(rule)
+        names = header.class_set.names
+        knows = {kind: [not spec or bool(spec.class_map.get(n)) for n in names]
+                 for kind, spec in ((k, branches.get(k)) for k in ("image", "range"))}
+        owner = tuple(SHARED if i and r else IMAGE_ONLY if i else RANGE_ONLY
+                      for i, r in zip(knows["image"], knows["range"]))
+        return cls(rule, () if all(o == SHARED for o in owner) else owner)
+
+    def owner_array(self, num_classes: int) -> np.ndarray:
+        """(C,) uint8 ``owner`` (all SHARED when empty)."""
+        if not self.owner:
+            return np.zeros(num_classes, np.uint8)
+        if len(self.owner) != num_classes:
+            raise ValueError(f"the fusion knows {len(self.owner)} classes, the outputs have {num_classes}")
+        return np.asarray(self.owner, np.uint8)
+
+
+def product_exponents(bias: torch.Tensor | tuple[float, float] | None) -> tuple[float, float] | torch.Tensor:
+    """The product rule's branch exponents from the branch log-weights ``bias`` (2,): 2 x
+    softmax(bias), so that equal log-weights (or None) give the plain product (1, 1) and only
+    their difference moves weight between the branches."""
+    if bias is None:
+        return (1.0, 1.0)
+    return 2.0 * torch.softmax(torch.as_tensor(bias, dtype=torch.float32).reshape(2), 0)
+
+
+def _product(prob_2d: torch.Tensor, prob_3d: torch.Tensor, bias: torch.Tensor | tuple[float, float] | None,
+             dim: int, owner: tuple[int, ...]) -> torch.Tensor:
+    """The product rule of ``fuse`` along ``dim``."""
+    a = product_exponents(bias)
+    a2, a3 = (a[0].to(prob_2d.device), a[1].to(prob_2d.device)) if torch.is_tensor(a) else a
+    # the log of a softmax that underflowed to 0 stays finite: the class is only improbable
+    tiny = torch.finfo(prob_2d.dtype).tiny
+    z = a2 * torch.log(prob_2d.clamp_min(tiny)) + a3 * torch.log(prob_3d.clamp_min(tiny))
+    if not owner:
+        return torch.softmax(z, dim=dim)
+    shape = [1] * prob_2d.dim()
+    shape[dim] = len(owner)
+    own = torch.as_tensor(owner, device=prob_2d.device).view(shape)
+    solo_2d, solo_3d = (own == IMAGE_ONLY).to(prob_2d.dtype), (own == RANGE_ONLY).to(prob_2d.dtype)
+    shared = torch.softmax(z.masked_fill(own != SHARED, float("-inf")), dim=dim)
+    # each one-branch class takes that branch's probability; the shared classes share the rest
+    rest = (1.0 - (prob_3d * solo_3d).sum(dim, keepdim=True)) * (1.0 - (prob_2d * solo_2d).sum(dim, keepdim=True))
+    w = shared * rest + prob_3d * solo_3d + prob_2d * solo_2d
+    return w / w.sum(dim, keepdim=True)
+
+
 def _fusion(prob_2d: torch.Tensor, prob_3d: torch.Tensor, bias: torch.Tensor | tuple[float, float] | None,
-            dim: int) -> torch.Tensor:
+            dim: int, fusion: Fusion) -> torch.Tensor:
     """The in-view fusion of ``fuse`` on matching (M, C) / (C, M) tensors, classes along ``dim``."""
+    if fusion.rule == "product":
+        return _product(prob_2d, prob_3d, bias, dim, fusion.owner)
     e2, e3 = -entropy(prob_2d, dim=dim), -entropy(prob_3d, dim=dim)
     if bias is not None:
         b = torch.as_tensor(bias, dtype=e2.dtype, device=e2.device)
@@ -68,15 +152,24 @@ def _fusion(prob_2d: torch.Tensor, prob_3d: torch.Tensor, bias: torch.Tensor | t
 
 
 def fuse(prob_2d: torch.Tensor, prob_3d: torch.Tensor, in_view: torch.Tensor,
-         bias: torch.Tensor | tuple[float, float] | None = None) -> torch.Tensor:
-    """Entropy-weighted fusion of the branches (Latte): (M, C), (N, C), (N,) bool -> (N, C).
+         bias: torch.Tensor | tuple[float, float] | None = None, *, rule: str | Fusion) -> torch.Tensor:
+    """The fusion of the branches: (M, C), (N, C), (N,) bool -> (N, C) probabilities. Out of view
+    the 3D branch stands alone; in view ``rule`` (a ``Fusion`` or its rule's name):
 
-    In view, each branch is weighted by exp(-entropy + bias_b) and the weights normalised; out
-    of view the 3D branch stands alone. ``bias`` (2,): log-weights of the 2D and 3D branch (the
-    shift-aware fusion of ``adapt.fusion``; None or zeros: plain entropy weighting).
+    * product: softmax(a_2d log p_2d + a_3d log p_3d), the branches' distributions multiplied
+      and renormalised (two experts, either can rule a class out), with exponents
+      a = 2 softmax(bias) (``product_exponents``; (1, 1) without bias). A class only one branch
+      outputs (``Fusion.owner``) takes that branch's probability, and the shared classes divide
+      the rest by the product: the other branch has no say about it, rather than a veto.
+    * entropy: Latte's mixture, each branch weighted by exp(-entropy + bias_b), normalised.
+
+    ``bias`` (2,): the branch log-weights of the 2D and 3D branch (the shift-aware fusion of
+    ``adapt.fusion``; None or zeros: none). Why product is the default: the mixture follows
+    whichever branch is the more confident, and under the real shifts the Cityscapes image
+    branch is confident about classes that are not there (README, "Fusion rule").
     """
     fused = prob_3d.clone()
-    fused[in_view] = _fusion(prob_2d, prob_3d[in_view], bias, dim=-1)
+    fused[in_view] = _fusion(prob_2d, prob_3d[in_view], bias, -1, Fusion.of(rule))
     return fused
 
 
@@ -144,17 +237,16 @@ def _top_class_np(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def predict_points(logits_2d: torch.Tensor, logits_3d: torch.Tensor, uv: torch.Tensor, cells: torch.Tensor,
                    in_view: torch.Tensor, size: tuple[int, int],
-                   bias: torch.Tensor | tuple[float, float] | None = None, executor: Executor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                   bias: torch.Tensor | tuple[float, float] | None = None, executor: Executor | None = None, *,
+                   rule: str | Fusion) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inference's per-point postprocess: each branch's top class and the fused labels.
 
     logits_2d (1, C, H, W) sampled bilinearly at uv (M, 2) pixels of an image of ``size`` (H, W)
     (``sample_pixels``); logits_3d (1, C, rows, cols) read at cells
-    (N,) int64 = row * cols + col (``gather_cells``); in_view (N,) bool; bias as ``fuse``.
+    (N,) int64 = row * cols + col (``gather_cells``); in_view (N,) bool; bias and rule as ``fuse``.
 
     Returns (labels_2d (M,), labels_3d (N,), labels (N,), all uint8, confidence (N,) float32):
-    the argmax of each branch's softmax, and the argmax / max of the entropy-weighted fusion
-    (``fuse``). Only the M in-view points need the branches' full softmax (for the fusion's
+    the argmax of each branch's softmax, and the argmax / max of the fusion (``fuse``). Only the M in-view points need the branches' full softmax (for the fusion's
     entropies); out of view the fusion is the 3D branch itself, whose top class and its
     probability come from the range image's cells (``top_class``, no (C, N) softmax) and are
     read per point. Class-major (C, K) buffers keep every step a sweep over contiguous rows.
@@ -167,9 +259,10 @@ def predict_points(logits_2d: torch.Tensor, logits_3d: torch.Tensor, uv: torch.T
     c = logits_3d.shape[1]
     if c >= 256:
         raise ValueError(f"labels are uint8: at most 255 classes, got {c}")
+    rule = Fusion.of(rule)
     if all(_numpy_ok(t) for t in (logits_2d, logits_3d, uv)):
         return _predict_points_np(logits_2d.numpy()[0], logits_3d.numpy()[0], uv.numpy(), cells.numpy(),
-                                  in_view.numpy(), size, bias, executor)
+                                  in_view.numpy(), size, bias, executor, rule)
     grid = logits_3d.reshape(c, -1)
     if executor is not None:
         cells_top = executor.submit(top_class, grid)
@@ -180,7 +273,7 @@ def predict_points(logits_2d: torch.Tensor, logits_3d: torch.Tensor, uv: torch.T
     cell_label, cell_conf = cells_top.result() if executor is not None else top_class(grid)
     labels_3d = cell_label.index_select(0, cells)
     labels, confidence = labels_3d.clone(), cell_conf.index_select(0, cells)
-    conf_v, labels_v = max_argmax(_fusion(p2, p3, bias, dim=0))
+    conf_v, labels_v = max_argmax(_fusion(p2, p3, bias, 0, rule))
     confidence[view] = conf_v
     labels[view] = labels_v
     return labels_2d.to(torch.uint8), labels_3d.to(torch.uint8), labels.to(torch.uint8), confidence
@@ -188,7 +281,8 @@ def predict_points(logits_2d: torch.Tensor, logits_3d: torch.Tensor, uv: torch.T
 
 def _predict_points_np(logits_2d: np.ndarray, logits_3d: np.ndarray, uv: np.ndarray, cells: np.ndarray,
                        in_view: np.ndarray, size: tuple[int, int], bias: torch.Tensor | tuple[float, float] | None,
-                       executor: Executor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                       executor: Executor | None, rule: Fusion
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``predict_points`` of CPU float32 arrays (C, h, w) / (C, rows, cols), compiled: the
     cells' top classes (on ``executor`` when given), the in-view fusion, then one pass that
     reads every point's cell and writes the in-view results over it."""
@@ -198,11 +292,15 @@ def _predict_points_np(logits_2d: np.ndarray, logits_3d: np.ndarray, uv: np.ndar
     view = np.flatnonzero(in_view)
     m, n = view.shape[0], cells.shape[0]
     image = np.ascontiguousarray(logits_2d, dtype=np.float32)
-    b2, b3 = (0.0, 0.0) if bias is None else (float(v) for v in torch.as_tensor(bias).detach().cpu().double())
+    product = rule.rule == "product"
+    if product:
+        w2, w3 = (float(v) for v in product_exponents(None if bias is None else torch.as_tensor(bias).detach().cpu()))
+    else:
+        w2, w3 = (0.0, 0.0) if bias is None else (float(v) for v in torch.as_tensor(bias).detach().cpu().double())
     labels_2d, labels_v, conf_v = np.empty(m, np.uint8), np.empty(m, np.uint8), np.empty(m, np.float32)
     cpu_kernels.fuse_in_view(image, 2.0 / size[1], 2.0 / size[0],
                              np.ascontiguousarray(uv, dtype=np.float64), np.ascontiguousarray(cells[view], dtype=np.int64),
-                             grid, b2, b3, labels_2d, labels_v, conf_v)
+                             grid, product, rule.owner_array(c), w2, w3, labels_2d, labels_v, conf_v)
     cell_label, cell_conf = job.result() if job is not None else _top_class_np(grid)
     labels_3d, labels, confidence = np.empty(n, np.uint8), np.empty(n, np.uint8), np.empty(n, np.float32)
     cpu_kernels.spread_cells(cell_label, cell_conf, np.ascontiguousarray(cells, dtype=np.int64), view, labels_v, conf_v,

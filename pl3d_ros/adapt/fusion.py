@@ -7,9 +7,13 @@ LiDAR) the source model's 3D branch scores 9.0 mIoU in view, its 2D branch 51.8,
 fusion 48.8. The frozen source network's BatchNorm layers tell, without labels, how far each
 branch's input has moved: for every BN layer, the KL divergence between the frame's feature
 statistics and the source running statistics (per channel, Gaussian), averaged over the layers
-of the branch. The fusion then weights branch b by exp(-entropy - beta * shift_b), with the
-shifts smoothed over frames. Measured on the source model over the 5 sim target domains
-(``fusion_an`` in the issue-13 note): entropy fusion 40.2 mean mIoU, shift-aware (beta 3) 41.7.
+of the branch. The fusion then takes -beta * shift_b as branch b's log-weight (shifts smoothed over
+frames): under the product rule (``runtime.fusion``, default) its exponents are 2 softmax of the
+log-weights, under Latte's entropy rule it weights branch b by exp(-entropy - beta * shift_b).
+Measured on the source model over the 5 sim target domains (``fusion_an`` in the issue-13 note):
+entropy fusion 40.2 mean mIoU, shift-aware (beta 3) 41.7. On the real grid (imported model,
+product rule) the term costs 0.5 (README, "Fusion rule"): the image branch's statistics are
+Cityscapes', so its shift says little about a corruption of the KITTI camera.
 
 The same per-frame shifts tell when the domain changes: within a sim domain they vary by
 +-0.02-0.04, between domains they jump by 0.1-0.35 (fog -> night: image 0.50 -> 0.16). A model

@@ -412,15 +412,17 @@ def test_every_n_frames_leaves_frames_out_in_lockstep():
     assert ad.health().frames == 3 and ad.health().steps == 3  # frames 0, 3, 6
 
 
-def test_full_mean_teacher_is_a_component_off_by_default():
-    # mt off (the default): momentum 0, the deployed teacher is the student; adapt.enable mt: EMA
+def test_full_mean_teacher_is_a_component_on_by_default():
+    # mt on (the default): the teacher is the EMA of the student; adapt.disable mt: momentum 0,
+    # the deployed teacher is the student after every step
     plain = Config(class_set="xmuda10", adapt=AdaptConfig(disable=["mla"])).validate()
-    assert "mt" not in plain.adapt.components() and "ce" not in plain.adapt.components()
+    assert "mt" in plain.adapt.components() and "ce" not in plain.adapt.components()
     m = build_method(plain, confident_model(), header())
-    assert m.models.momentum == 0.0 and not any(isinstance(t, T.ReliableCE) for t in m.terms)
-    mt = plain.replace(**{"adapt.enable": ["mt", "ce"]})
-    m = build_method(mt, confident_model(), header())
-    assert m.models.momentum == mt.adapt.teacher_momentum == 0.999
+    assert m.models.momentum == plain.adapt.teacher_momentum == 0.999
+    assert not any(isinstance(t, T.ReliableCE) for t in m.terms)
+    no_mt = plain.replace(**{"adapt.disable": ["mt"], "adapt.enable": ["ce"]})
+    m = build_method(no_mt, confident_model(), header())
+    assert m.models.momentum == 0.0
     assert any(isinstance(t, T.ReliableCE) for t in m.terms)
     # the baselines are untouched by full's components
     tent = plain.replace(**{"adapt.method": "tent", "adapt.disable": []})
@@ -429,7 +431,7 @@ def test_full_mean_teacher_is_a_component_off_by_default():
 
 def test_full_without_entropy_learns_by_negative_learning_alone_and_skips_steps_with_nothing_to_learn():
     cfg = make_cfg(disable=["entropy"], enable=[], negative_rounds=1, steps_per_frame=2)
-    assert cfg.adapt.components() == ["negative", "restore", "guard", "fusion", "shift_reset"]
+    assert cfg.adapt.components() == ["negative", "mt", "restore", "guard", "fusion", "shift_reset"]
     ad = Adapter(confident_model(), header(), cfg, seed=0)
     stats = ad.step(synthetic_frame(0))
     assert "error" not in stats and ad.health().steps == 2  # step 2: no negative round left, no update

@@ -313,17 +313,17 @@ def test_smoke_grid_runs_two_cells_on_ray_then_resumes(tmp_path, capsys):
 
 def test_an_added_component_counts_method_minus_full(tmp_path):
     spec = base_spec()
-    spec["methods"]["full+mt"] = {"adapt.method": "full", "adapt.enable": ["mt"]}
+    spec["methods"]["full+ce"] = {"adapt.method": "full", "adapt.enable": ["ce"]}
     grid = parse_grid(spec, root=tmp_path)
     out = tmp_path / "out"
-    for m, v in {"source": 20.0, "full": 30.0, "full-mla": 29.0, "full+mt": 27.0}.items():
+    for m, v in {"source": 20.0, "full": 30.0, "full-mla": 29.0, "full+ce": 27.0}.items():
         _fake_cell(grid, out, "drive", m, 0, v, good=0.5)
     cells = grid.cells(out)
     r = merge(grid, cells, {c.key: {"status": "resumed"} for c in cells}, out)
     abl = r["ablations"]["sim"]
-    assert abl["full+mt"]["added"] == ["mt"] and abl["full+mt"]["streams"]["drive"]["mean"] == pytest.approx(-3.0)
+    assert abl["full+ce"]["added"] == ["ce"] and abl["full+ce"]["streams"]["drive"]["mean"] == pytest.approx(-3.0)
     assert abl["full-mla"]["streams"]["drive"]["mean"] == pytest.approx(1.0)
-    assert "| +mt |" in render_markdown(r) and "| −mla |" in render_markdown(r)
+    assert "| +ce |" in render_markdown(r) and "| −mla |" in render_markdown(r)
 
 
 def test_merge_only_runs_nothing_and_counts_the_missing_cells(tmp_path):

@@ -307,6 +307,10 @@ class AdaptConfig(Section):
     restore_prob: float = setting(0.01, "stochastic restore: per-element probability per step", min=0.0, max=1.0)
     fusion_beta: float = setting(3.0, "shift-aware fusion: branch log-weight per unit of BN-statistics shift",
                                  min=0.0, max=1000.0)
+    fusion_reference: bool = setting(False, "shift-aware fusion: each branch's log-weight from its shift in excess "
+                                     "of the source data's own (adapt.gate_reference frames), not the raw shift: a "
+                                     "branch trained on other data (an imported image network) is not held down on "
+                                     "clean target frames")
     fusion_consistency: float = setting(0.0, "full's fusion: branch log-weight per unit of log temporal consistency "
                                         "of its labels (adapt/consistency.py; needs odometry; 0 = off)",
                                         min=0.0, max=1000.0)
@@ -322,9 +326,10 @@ class AdaptConfig(Section):
                                      "it learns at the full rate (at 1x it does not learn)", gt=1.0, max=1000.0)
     gate_statistics: bool = setting(False, "shift gate: scale each branch's BN running-statistics momentum by "
                                     "its gate too (gate 0: the statistics stay the source's)")
-    gate_reference: str = setting("", "shift gate: frames of the model's training data that give the source "
-                                  "data's shift (as runtime.int8_calibration); \"\" = runtime.int8_calibration")
-    gate_reference_frames: int = setting(16, "shift gate: frames of gate_reference measured (once, when full is "
+    gate_reference: str = setting("", "shift gate and fusion_reference: frames of the model's training data that "
+                                  "give the source data's shift (as runtime.int8_calibration); \"\" = "
+                                  "runtime.int8_calibration")
+    gate_reference_frames: int = setting(16, "shift gate and fusion_reference: frames of gate_reference measured (once, when full is "
                                          "built; scenes alone vary the shift, so not few)", min=1, max=1000)
     bn_prior_steps: float = setting(0.0, "BN running statistics of the student: a cumulative average of its batch "
                                     "statistics since the source, with the source's counted as this many steps "

@@ -11,6 +11,7 @@ import torch
 
 from fakes import confident_model, header, small_model, synthetic_frame, write_synthetic_bag
 from pl3d_ros.adapt import Adapter
+from pl3d_ros.adapt.fusion import BranchShift
 from pl3d_ros.adapt.shift_gate import ShiftGate, reference_shift
 from pl3d_ros.adapt.teacher import TeacherStudent
 from pl3d_ros.config import AdaptConfig, Config
@@ -95,3 +96,28 @@ def test_gate_on_statistics_holds_a_branch_running_statistics():
     ts.set_branch_gains({"image": 0.5, "range": 1.0}, statistics=True)  # from the base momentum
     assert {bns[n].momentum for n in bns if n.startswith("range")} == {0.1}
     assert {bns[n].momentum for n in bns if n.startswith("image")} == {0.05}
+
+
+def test_fusion_bias_counts_only_the_shift_beyond_the_source_datas_own():
+    shift = BranchShift(confident_model(), momentum=0.0)
+    assert torch.equal(shift.bias(3.0, torch.tensor([0.3, 0.1])), torch.zeros(2))  # before any frame
+    shift.value = torch.tensor([0.34, 0.30])
+    assert shift.bias(3.0) == pytest.approx(torch.tensor([-1.02, -0.90]))
+    # the image at its reference level is not held down; the range by its excess only
+    assert shift.bias(3.0, torch.tensor([0.35, 0.10])) == pytest.approx(torch.tensor([0.0, -0.60]))
+
+
+def test_full_with_the_fusion_reference_measures_it_once_and_biases_by_the_excess(tmp_path):
+    bag = tmp_path / "ref"
+    write_synthetic_bag(bag, n=2)
+    cfg = Config(class_set="xmuda10", adapt=AdaptConfig(fusion_reference=True, gate_reference=str(bag),
+                                                        gate_reference_frames=2)).validate()
+    ad = Adapter(confident_model(), header(), cfg, seed=0)
+    ref = ad.method.shift_reference
+    assert ref is not None and ref.shape == (2,) and ad.method.gate is None
+    stats = ad.step(synthetic_frame(0))
+    assert "error" not in stats
+    expected = -cfg.adapt.fusion_beta * (ad.method.shift.value - ref).clamp_min(0.0)
+    assert torch.allclose(ad.method.fusion_bias.cpu(), expected)
+    plain = Adapter(confident_model(), header(), Config(class_set="xmuda10").validate(), seed=0)
+    assert plain.method.shift_reference is None  # off by default: nothing measured

@@ -94,11 +94,15 @@ class BranchShift:
     def reset(self) -> None:
         self.value = None
 
-    def bias(self, beta: float) -> torch.Tensor:
-        """Fusion log-weights (2,): -beta * shift (zeros before the first frame)."""
+    def bias(self, beta: float, reference: torch.Tensor | None = None) -> torch.Tensor:
+        """Fusion log-weights (2,): -beta * shift (zeros before the first frame); with the source
+        data's own (image, range) shift ``reference`` (2,), -beta * max(shift - reference, 0)."""
         if self.value is None:
             return torch.zeros(2)
-        return -float(beta) * self.value
+        value = self.value
+        if reference is not None:
+            value = (value - reference.to(value.device)).clamp_min(0.0)
+        return -float(beta) * value
 
 
 class ShiftChangeDetector:

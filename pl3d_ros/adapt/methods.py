@@ -312,7 +312,10 @@ class Full(Method):
                                     a.collapse_max_disagreement) if on["guard"] else None)
         needs_shift = on["fusion"] or on["shift_reset"] or on["gate"]
         self.shift = BranchShift(self.models.source, a.fusion_momentum) if needs_shift else None
-        self.gate = self._shift_gate(cfg, header) if on["gate"] else None
+        # the source data's own shift, for the gate and the reference-relative fusion (measured once)
+        self.shift_reference = (self._reference_shift(cfg, header)
+                                if on["gate"] or (on["fusion"] and a.fusion_reference) else None)
+        self.gate = ShiftGate(self.shift_reference, a.gate_full_ratio) if on["gate"] else None
         self.change = (ShiftChangeDetector(a.shift_reset_min_jump, a.shift_reset_min_ratio)
                        if on["shift_reset"] else None)
         self.domain_resets = 0
@@ -332,15 +335,15 @@ class Full(Method):
         cons = self.consistency.bias(self.cfg.adapt.fusion_consistency).to(self.device)
         self.fusion_bias = cons if self._shift_bias is None else self._shift_bias + cons
 
-    def _shift_gate(self, cfg: Config, header: CheckpointHeader) -> ShiftGate:
-        """The shift gate, its reference measured on the frozen source over frames of the model's
-        training data (adapt.gate_reference, else runtime.int8_calibration)."""
+    def _reference_shift(self, cfg: Config, header: CheckpointHeader) -> torch.Tensor:
+        """The source data's (image, range) shift (2,), measured on the frozen source over frames
+        of the model's training data (adapt.gate_reference, else runtime.int8_calibration)."""
         from pl3d_ros.runtime.quantization import calibration_feeds
 
         a, m = cfg.adapt, header.model
         spec = a.gate_reference or cfg.runtime.int8_calibration
         feeds = calibration_feeds(spec, a.gate_reference_frames, (m.image_width, m.image_height), header.sensor)
-        return ShiftGate(reference_shift(self.models.source, feeds), a.gate_full_ratio)
+        return reference_shift(self.models.source, feeds)
 
     def momentum(self, cfg: Config) -> float:
         """mt off: momentum 0, the teacher is the student after every step (what is deployed)."""
@@ -378,7 +381,8 @@ class Full(Method):
                     st["domain_reset"] = True
                 shift = self.shift.update()
                 if self._shift_bias is not None:
-                    self._shift_bias = self.shift.bias(self.cfg.adapt.fusion_beta).to(self.device)
+                    reference = self.shift_reference if self.cfg.adapt.fusion_reference else None
+                    self._shift_bias = self.shift.bias(self.cfg.adapt.fusion_beta, reference).to(self.device)
                     self._compose_bias()
                 st.update(shift_2d=float(shift[0]), shift_3d=float(shift[1]))
                 if self.gate is not None:

@@ -337,6 +337,9 @@ class AdaptConfig(Section):
                                     min=0.0, max=1e6)
     bn_momentum_floor: float = setting(0.02, "... the cumulative average's momentum never below this (a "
                                        "domain the change reset missed is still followed)", min=0.0, max=1.0)
+    select_margin: float = setting(0.02, "source selection (component select): lead of the source's smoothed "
+                                   "cross-modal agreement over the adapted network's that serves the source",
+                                   min=0.0, max=1.0)
     collapse_window: int = setting(20, "collapse guard window", unit="frames", min=1)
     collapse_max_class_share: float = setting(0.95, "collapse: share of the most frequent predicted class above this",
                                               min=0.0, max=1.0)

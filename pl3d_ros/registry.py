@@ -59,9 +59,10 @@ METHODS = Registry("adaptation method", {
 #: (off: the teacher is the student after every step); restore the stochastic restore (METHODS.md
 #: 5.4), guard the collapse guard (5.5), fusion the shift-aware branch weighting and shift_reset
 #: the restore to the source when the domain changes (both in adapt/fusion.py), gate the
-#: learning rate of each branch scaled by its input shift (adapt/shift_gate.py).
+#: learning rate of each branch scaled by its input shift (adapt/shift_gate.py), select serving the
+#: source while its branches agree more than the adapted network's (adapt/selection.py).
 COMPONENTS = ("ce", "mla", "gapp", "connectivity", "negative", "erda", "xm", "mt", "restore", "guard", "fusion",
-              "shift_reset", "entropy", "gate")
+              "shift_reset", "entropy", "gate", "select")
 
 #: The components of ``full`` that did not add 0.3 mIoU in the benchmark (README "Online
 #: adaptation"; issue 13): they stay in the code, measured as "full+X" rows of the grids, and are
@@ -75,7 +76,7 @@ COMPONENTS = ("ce", "mla", "gapp", "connectivity", "negative", "erda", "xm", "mt
 #: Negative learning was inert (+0.01, 0.00) but stays on: it is the loss that is left when the
 #: entropy term is ablated. The shift gate costs -2.81 +- 1.19 on the real grid (it keeps the
 #: range branch from adapting to LiDAR shifts that the BN measure calls small).
-OFF_BY_DEFAULT = ("ce", "mla", "gapp", "connectivity", "erda", "xm", "gate")
+OFF_BY_DEFAULT = ("ce", "mla", "gapp", "connectivity", "erda", "xm", "gate", "select")
 
 #: The components that are loss terms: ``full`` needs one of them on.
 LOSS_COMPONENTS = ("ce", "negative", "erda", "xm", "entropy")

@@ -173,6 +173,8 @@ class Adapter:
                     self._domain_resets += 1
                     log.info("domain change detected at frame %d: adaptation restarted from the source", index)
                     self._emit_weights()
+                elif state.redeploy:
+                    self._emit_weights()
                 if state.collapsed:
                     self.memory.clear()  # its pseudo-labels came from the collapsed teacher
                     self._after_step(collapsed=True, stats=stats)
@@ -426,4 +428,5 @@ class Adapter:
                                 else [float(v) for v in self.method.fusion_bias]),
             }
             header = dataclasses.replace(self.header, training=training)  # branches kept
-            return save_checkpoint(path, self.method.teacher, header)
+            # the adapted network, also while the source is served (select): a resume continues it
+            return save_checkpoint(path, self.method.models.adapted, header)

@@ -35,6 +35,7 @@ from pl3d_ros.adapt.consistency import BranchConsistency
 from pl3d_ros.adapt.fusion import BranchShift, ShiftChangeDetector
 from pl3d_ros.adapt.pseudo_labels import PseudoLabeler
 from pl3d_ros.adapt.reliability import reliability_split
+from pl3d_ros.adapt.selection import SourceSelector, branch_agreement
 from pl3d_ros.adapt.shift_gate import ShiftGate, reference_shift
 from pl3d_ros.adapt.state import FrameState, PseudoLabels, StepResult, TeacherOutput
 from pl3d_ros.adapt.teacher import CollapseGuard, TeacherStudent
@@ -316,6 +317,7 @@ class Full(Method):
         self.shift_reference = (self._reference_shift(cfg, header)
                                 if on["gate"] or (on["fusion"] and a.fusion_reference) else None)
         self.gate = ShiftGate(self.shift_reference, a.gate_full_ratio) if on["gate"] else None
+        self.selector = SourceSelector(a.fusion_momentum, a.select_margin) if on["select"] else None
         self.change = (ShiftChangeDetector(a.shift_reset_min_jump, a.shift_reset_min_ratio)
                        if on["shift_reset"] else None)
         self.domain_resets = 0
@@ -363,11 +365,16 @@ class Full(Method):
             self.guard.reset()
         if self.refinement is not None:
             self.refinement.reset()
+        if self.selector is not None:
+            self.selector.reset()
+            self.models.serve_source = False
 
     def prepare(self, state: FrameState) -> None:
         st = state.stats
         source_out = source_fused = None
-        if self.guard is not None or self.shift is not None or (self.erda is not None and self.erda.needs_source):
+        source_probs = None
+        if (self.guard is not None or self.shift is not None or self.selector is not None
+                or (self.erda is not None and self.erda.needs_source)):
             with torch.no_grad(), self.autocast(), (self.shift if self.shift is not None else nullcontext()):
                 source_out = forward_points(self.models.source, state.inputs).float()
             if self.shift is not None:
@@ -390,7 +397,8 @@ class Full(Method):
                     self.models.set_branch_gains(gains, statistics=self.cfg.adapt.gate_statistics)
                     st.update(gate_2d=gains["image"], gate_3d=gains["range"])
             with torch.no_grad():
-                _, _, source_fused = source_out.probs(state.in_view, self.fusion_bias, rule=self.fusion)
+                source_probs = source_out.probs(state.in_view, self.fusion_bias, rule=self.fusion)
+                source_fused = source_probs[2]
         state.teacher = teacher = teacher_pass(self, state)
         if self.guard is not None:
             check = self.guard.observe(teacher.fused.argmax(1), source_fused.argmax(1))
@@ -404,6 +412,8 @@ class Full(Method):
                 st["collapse"] = True
                 return
         st["collapse"] = False
+        if self.selector is not None and source_probs is not None:
+            self._select(state, source_probs)
         if self.consistency is not None:
             self._observe_consistency(state)
 
@@ -417,6 +427,19 @@ class Full(Method):
             self.erda.observe_source(source_out, source_fused.argmax(1), state.in_view)
         state.labels = PseudoLabels(base, refined)
         st["threshold_mean"] = float(np.mean(state.thresholds))
+
+    def _select(self, state: FrameState, source_probs: tuple[torch.Tensor, ...]) -> None:
+        """Source selection: serve the source while its branches agree more than the adapted
+        network's (adapt/selection.py); a change is handed to the backend at once."""
+        view = state.in_view
+        s2, s3, _ = source_probs
+        agree_source = branch_agreement(s2, s3[view])
+        agree_adapted = branch_agreement(state.teacher.p2, state.teacher.p3[view])
+        if self.selector.observe(agree_source, agree_adapted):
+            self.models.serve_source = self.selector.serve_source
+            state.redeploy = True
+        state.stats.update(agree_source=agree_source, agree_adapted=agree_adapted,
+                           serve_source=self.models.serve_source)
 
     def _observe_consistency(self, state: FrameState) -> None:
         """The deployed network's branch labels on this frame against the last frame's: the

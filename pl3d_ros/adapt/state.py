@@ -90,6 +90,7 @@ class FrameState:
     negatives_used: torch.Tensor | None = None
     collapsed: bool = False
     domain_reset: bool = False  # the domain changed at this frame: adaptation restarted from the source
+    redeploy: bool = False  # the network to serve changed at this frame (source selection): hand it over now
     masks: Any = None  # refine.PointMasks of the frame, when masks were computed
     stats: dict[str, Any] = field(default_factory=dict)
     _pixels: CameraPixels | None = field(default=None, repr=False)

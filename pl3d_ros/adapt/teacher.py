@@ -155,6 +155,7 @@ class TeacherStudent:
         if deploy not in ("teacher", "student"):
             raise ValueError(f"deploy must be teacher or student, got {deploy!r}")
         self.deploy = deploy
+        self.serve_source = False  # the source is served instead (full's component select)
         self.optimizer = self._new_optimizer()
         self.updates = 0  # teacher updates since the source (EMA warm-up)
         # the student's BN layers with their momenta before any gain or schedule, and their branch
@@ -242,10 +243,16 @@ class TeacherStudent:
         self._set_bn_momentum()
 
     @property
-    def deployed(self) -> nn.Module:
-        """The network handed to the backend: the teacher, or the student (``deploy="student"``:
-        the teacher then only makes pseudo-labels)."""
+    def adapted(self) -> nn.Module:
+        """The adapted network to deploy: the teacher, or the student (``deploy="student"``: the
+        teacher then only makes pseudo-labels)."""
         return self.student if self.deploy == "student" else self.teacher
+
+    @property
+    def deployed(self) -> nn.Module:
+        """The network handed to the backend: ``adapted``, or the frozen source while
+        ``serve_source`` is set (adapt/selection.py)."""
+        return self.source if self.serve_source else self.adapted
 
     def teacher_state(self) -> dict[str, torch.Tensor]:
         """The deployed network's full state dict as detached CPU copies (safe to hand to another

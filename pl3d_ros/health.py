@@ -22,7 +22,9 @@ class AdapterHealth:
     ended); errors / last_error: failed (rolled-back) steps and hand-offs; weight_swaps /
     last_swap_time (wall-clock s): deployments to the backend; restores / collapse_restores:
     returns to the source (every kind / by the collapse guard); domain_resets: restarts from the
-    source at a detected change of domain; last_step_ms: wall time of the
+    source at a detected change of domain; serving_source / source_switches: whether the frozen
+    source is served now instead of the adapted network, and how often that choice changed
+    (full's component select); last_step_ms: wall time of the
     last frame's adaptation; resumed_from: the adapted checkpoint it started from; the target-
     frame memory (frames, MB, steps on memory frames alone, lazy re-labellings); frame_work_ms /
     step_ms: the last new frame's own work (teacher and source forwards, masks, refinement) and the
@@ -53,6 +55,8 @@ class AdapterHealth:
     frame_work_ms: float | None = None
     step_ms: float | None = None
     domain_resets: int = 0
+    serving_source: bool = False
+    source_switches: int = 0
     pseudo_label_density: float | None = None
     base_density: float | None = None
     base_precision: float | None = None

@@ -56,6 +56,8 @@ def test_full_serves_the_source_when_the_adapted_branches_stop_agreeing():
     assert stats["agree_source"] > stats["agree_adapted"] + 0.05 and stats["serve_source"]
     assert ad.method.models.deployed is ad.method.models.source
     assert handed, "the change of network is handed to the backend at once"
+    health = ad.health()
+    assert health.serving_source and health.source_switches == 1
     assert torch.equal(handed[-1]["image.head.bias"], model.state_dict()["image.head.bias"])
     # a checkpoint keeps the adapted network, not the served source
     assert ad.method.models.adapted is ad.method.models.teacher

@@ -389,6 +389,7 @@ class Adapter:
         with self._cond:
             buffered = len(self._buffer)
         last = self._last_stats
+        models, selector = getattr(self.method, "models", None), getattr(self.method, "selector", None)
         stages = {f"{stage}_{k}": last[f"{stage}_{k}"] for stage in ("base", "refined", "filtered")
                   for k in ("density", "precision") if f"{stage}_{k}" in last}
         return AdapterHealth(
@@ -401,7 +402,8 @@ class Adapter:
             pseudo_label_density=last.get("filtered_density", last.get("base_density")),
             memory_frames=len(self.memory), memory_mb=self.memory.bytes / 2**20, memory_steps=self._memory_steps,
             memory_refreshes=self._refreshes, frame_work_ms=self._frame_work_ms, step_ms=self._step_ms,
-            domain_resets=self._domain_resets, **stages)
+            domain_resets=self._domain_resets, serving_source=bool(getattr(models, "serve_source", False)),
+            source_switches=selector.switches if selector is not None else 0, **stages)
 
     def pseudo_label_totals(self) -> dict[str, Any]:
         """Pseudo-label counts summed over every frame stepped (see adapt.quality.QualityTotals)."""

@@ -257,6 +257,7 @@ def replay(inputs: str | Path | list[str | Path], checkpoint: str | Path, out_di
         "adapter_errors": health.errors if health else 0,
         "restores": {"collapse": health.collapse_restores if health else 0,
                      "domain_change": health.domain_resets if health else 0},
+        "source_switches": health.source_switches if health else 0,
         "pseudo_labels": _pseudo_label_summary(adapter.pseudo_label_totals() if adapter else None),
         "frames_processed": counts["processed"], "frames_scored": counts["scored"],
         "inputs_read": inputs_read,

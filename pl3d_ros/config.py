@@ -340,6 +340,8 @@ class AdaptConfig(Section):
     select_margin: float = setting(0.02, "source selection (component select): lead of the source's smoothed "
                                    "cross-modal agreement over the adapted network's that serves the source",
                                    min=0.0, max=1.0)
+    select_momentum: float = setting(0.7, "source selection: smoothing of each network's agreement over adapted "
+                                     "frames", min=0.0, max=1.0)
     collapse_window: int = setting(20, "collapse guard window", unit="frames", min=1)
     collapse_max_class_share: float = setting(0.95, "collapse: share of the most frequent predicted class above this",
                                               min=0.0, max=1.0)

@@ -69,3 +69,27 @@ def test_select_is_off_by_default():
     ad = Adapter(confident_model(), header(), Config(class_set="xmuda10").validate(), seed=0)
     assert ad.method.selector is None
     assert "serve_source" not in ad.step(synthetic_frame(0))
+
+
+def test_a_suspected_change_of_domain_serves_the_source_until_it_is_settled():
+    sel = SourceSelector(momentum=0.0, margin=0.05)
+    assert not sel.observe(0.5, 0.7)
+    assert sel.observe(0.5, 0.7, suspected_change=True) and sel.serve_source  # the adapted one leads, still
+    assert sel.observe(0.5, 0.7) and not sel.serve_source  # the outlier rejoined its domain
+    assert sel.switches == 2
+
+
+def test_change_detector_tells_an_outlier_that_waits_for_confirmation():
+    from pl3d_ros.adapt.fusion import ShiftChangeDetector
+
+    det = ShiftChangeDetector(min_jump=0.08, min_ratio=0.5, confirm=2, min_frames=3)
+    for _ in range(3):
+        det.observe(torch.tensor([0.2, 0.1]))
+    assert not det.suspected
+    assert not det.observe(torch.tensor([0.6, 0.1])) and det.suspected
+    assert not det.observe(torch.tensor([0.2, 0.1])) and not det.suspected  # a lone outlier
+    det.reset()
+    for _ in range(3):
+        det.observe(torch.tensor([0.2, 0.1]))
+    det.observe(torch.tensor([0.6, 0.1]))
+    assert det.observe(torch.tensor([0.6, 0.1])) and not det.suspected  # confirmed: a new segment

@@ -127,6 +127,11 @@ class ShiftChangeDetector:
         self._segment: list[torch.Tensor] = []
         self._pending: list[torch.Tensor] = []
 
+    @property
+    def suspected(self) -> bool:
+        """An outlier waits for confirmation: the domain may have changed at the last frame."""
+        return bool(self._pending)
+
     def observe(self, shift: torch.Tensor) -> bool:
         """Add one frame's shift -> True when a change of domain is confirmed at this frame."""
         shift = shift.detach().float().cpu()

@@ -317,7 +317,7 @@ class Full(Method):
         self.shift_reference = (self._reference_shift(cfg, header)
                                 if on["gate"] or (on["fusion"] and a.fusion_reference) else None)
         self.gate = ShiftGate(self.shift_reference, a.gate_full_ratio) if on["gate"] else None
-        self.selector = SourceSelector(a.fusion_momentum, a.select_margin) if on["select"] else None
+        self.selector = SourceSelector(a.select_momentum, a.select_margin) if on["select"] else None
         self.change = (ShiftChangeDetector(a.shift_reset_min_jump, a.shift_reset_min_ratio)
                        if on["shift_reset"] else None)
         self.domain_resets = 0
@@ -435,11 +435,12 @@ class Full(Method):
         s2, s3, _ = source_probs
         agree_source = branch_agreement(s2, s3[view])
         agree_adapted = branch_agreement(state.teacher.p2, state.teacher.p3[view])
-        if self.selector.observe(agree_source, agree_adapted):
+        suspected = self.change is not None and self.change.suspected
+        if self.selector.observe(agree_source, agree_adapted, suspected):
             self.models.serve_source = self.selector.serve_source
             state.redeploy = True
         state.stats.update(agree_source=agree_source, agree_adapted=agree_adapted,
-                           serve_source=self.models.serve_source)
+                           serve_source=self.models.serve_source, change_suspected=suspected)
 
     def _observe_consistency(self, state: FrameState) -> None:
         """The deployed network's branch labels on this frame against the last frame's: the

@@ -16,6 +16,13 @@ network's agreement is biased upwards: when the source still agrees more, adapta
 things worse. The selector smooths both agreements over frames and serves the source while its
 agreement leads by ``margin``; it goes back to the adapted network as soon as that one leads
 (hysteresis). Adaptation goes on either way, so the adapted network can win the target back.
+
+A change of domain is only confirmed on the second adapted frame whose input shift jumped
+(adapt/fusion.py ``ShiftChangeDetector``); until then the network adapted to the last domain is
+served, and on the continual drive that is most of what `full` loses at a change (night after
+fog: a few frames at 14 mIoU against the source's 52). So the source is also served as soon as a
+change is suspected (the first outlier), until the change is confirmed (the reset serves the
+source anyway) or the outlier rejoins its domain.
 """
 
 from __future__ import annotations
@@ -34,11 +41,12 @@ def branch_agreement(p2: torch.Tensor, p3_in_view: torch.Tensor) -> float:
 class SourceSelector:
     """Which network to serve: the adapted one, or the source while it agrees with itself more.
 
-    momentum: smoothing of each network's per-frame agreement over frames; margin: the lead of
-    the source's smoothed agreement that switches to it (back as soon as it no longer leads).
+    momentum: smoothing of each network's per-frame agreement over frames (a share over thousands
+    of in-view points, so little frame noise: the smoothing is for scenes); margin: the lead of the
+    source's smoothed agreement that switches to it (back as soon as it no longer leads).
     """
 
-    def __init__(self, momentum: float = 0.9, margin: float = 0.02) -> None:
+    def __init__(self, momentum: float = 0.7, margin: float = 0.02) -> None:
         self.momentum, self.margin = float(momentum), float(margin)
         self.serve_source = False
         self.switches = 0
@@ -48,19 +56,22 @@ class SourceSelector:
         """After the adapted network went back to the source: nothing to compare yet."""
         self.source: float | None = None
         self.adapted: float | None = None
+        self.by_agreement = False
         self.serve_source = False
 
     def _smooth(self, old: float | None, new: float) -> float:
         return new if old is None else self.momentum * old + (1.0 - self.momentum) * new
 
-    def observe(self, source_agreement: float, adapted_agreement: float) -> bool:
-        """Fold one frame's agreements in -> True when what to serve changed at this frame."""
-        if source_agreement != source_agreement or adapted_agreement != adapted_agreement:  # nan: no view
-            return False
-        self.source = self._smooth(self.source, source_agreement)
-        self.adapted = self._smooth(self.adapted, adapted_agreement)
-        lead = self.source - self.adapted
-        serve = lead > self.margin if not self.serve_source else lead > 0.0
+    def observe(self, source_agreement: float, adapted_agreement: float, suspected_change: bool = False) -> bool:
+        """Fold one frame's agreements in (nan: the frame had no point in view) -> True when what
+        to serve changed at this frame. suspected_change: the domain may have changed here."""
+        if source_agreement == source_agreement and adapted_agreement == adapted_agreement:
+            self.source = self._smooth(self.source, source_agreement)
+            self.adapted = self._smooth(self.adapted, adapted_agreement)
+        leads = self.source is not None and self.adapted is not None
+        lead = self.source - self.adapted if leads else 0.0
+        self.by_agreement = leads and (lead > self.margin if not self.by_agreement else lead > 0.0)
+        serve = self.by_agreement or suspected_change
         changed = serve != self.serve_source
         self.serve_source = serve
         self.switches += int(changed)

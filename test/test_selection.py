@@ -44,7 +44,7 @@ def test_selector_smooths_over_frames():
 
 
 def test_full_serves_the_source_when_the_adapted_branches_stop_agreeing():
-    cfg = Config(class_set="xmuda10", adapt=AdaptConfig(enable=["select"], select_margin=0.05)).validate()
+    cfg = Config(class_set="xmuda10", adapt=AdaptConfig(select_margin=0.05)).validate()  # select: on by default
     handed = []
     model = confident_model()
     ad = Adapter(model, header(), cfg, on_weights=handed.append, seed=0)
@@ -65,8 +65,9 @@ def test_full_serves_the_source_when_the_adapted_branches_stop_agreeing():
     assert not ad.method.models.serve_source
 
 
-def test_select_is_off_by_default():
-    ad = Adapter(confident_model(), header(), Config(class_set="xmuda10").validate(), seed=0)
+def test_select_can_be_switched_off():
+    cfg = Config(class_set="xmuda10", adapt=AdaptConfig(disable=["select"])).validate()
+    ad = Adapter(confident_model(), header(), cfg, seed=0)
     assert ad.method.selector is None
     assert "serve_source" not in ad.step(synthetic_frame(0))
 

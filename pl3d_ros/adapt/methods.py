@@ -275,8 +275,10 @@ class Full(Method):
     no refinement at all (GAPP needs MLA's mask classes); gapp off = naive MLA (every point of a
     kept mask takes its class); mt off = teacher momentum 0 (the teacher is the student); ce,
     connectivity, negative, erda, xm, entropy, restore (the stochastic restore), guard (the
-    collapse guard), fusion and shift_reset each drop their own part; gate (off by default) scales
-    each branch's learning rate by how far its input moved from the source data (adapt/shift_gate.py).
+    collapse guard), fusion and shift_reset each drop their own part; select serves the frozen
+    source while its branches agree more than the adapted network's, or while a change of domain
+    is suspected (adapt/selection.py); gate (off by default) scales each branch's learning rate by
+    how far its input moved from the source data (adapt/shift_gate.py).
     """
 
     name = "full"

@@ -369,7 +369,6 @@ class Full(Method):
             self.refinement.reset()
         if self.selector is not None:
             self.selector.reset()
-            self.models.serve_source = False
 
     def prepare(self, state: FrameState) -> None:
         st = state.stats

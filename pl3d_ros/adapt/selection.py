@@ -27,6 +27,8 @@ source anyway) or the outlier rejoins its domain.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -48,7 +50,6 @@ class SourceSelector:
 
     def __init__(self, momentum: float = 0.7, margin: float = 0.02) -> None:
         self.momentum, self.margin = float(momentum), float(margin)
-        self.serve_source = False
         self.switches = 0
         self.reset()
 
@@ -65,7 +66,7 @@ class SourceSelector:
     def observe(self, source_agreement: float, adapted_agreement: float, suspected_change: bool = False) -> bool:
         """Fold one frame's agreements in (nan: the frame had no point in view) -> True when what
         to serve changed at this frame. suspected_change: the domain may have changed here."""
-        if source_agreement == source_agreement and adapted_agreement == adapted_agreement:
+        if not (math.isnan(source_agreement) or math.isnan(adapted_agreement)):
             self.source = self._smooth(self.source, source_agreement)
             self.adapted = self._smooth(self.adapted, adapted_agreement)
         leads = self.source is not None and self.adapted is not None

@@ -239,6 +239,7 @@ class TeacherStudent:
         self.optimizer = self._new_optimizer()
         self.updates = 0
         self.bn_updates = 0
+        self.serve_source = False  # the adapted network is the source again
         self._stat_gains = {}
         self._set_bn_momentum()
 

@@ -94,3 +94,22 @@ def test_change_detector_tells_an_outlier_that_waits_for_confirmation():
         det.observe(torch.tensor([0.2, 0.1]))
     det.observe(torch.tensor([0.6, 0.1]))
     assert det.observe(torch.tensor([0.6, 0.1])) and not det.suspected  # confirmed: a new segment
+
+
+def test_a_frame_that_fails_after_selection_changed_still_hands_over_the_served_network(monkeypatch):
+    cfg = Config(class_set="xmuda10", adapt=AdaptConfig(select_margin=0.05)).validate()
+    handed = []
+    model = confident_model()
+    ad = Adapter(model, header(), cfg, on_weights=handed.append, seed=0)
+    with torch.no_grad():
+        for net in (ad.method.models.teacher, ad.method.models.student):
+            net.image.head.bias[7] += 20.0
+
+    def failing_labeler(fused):
+        raise RuntimeError("boom after selection")
+
+    monkeypatch.setattr(ad.method, "labeler", failing_labeler)
+    stats = ad.step(synthetic_frame(0))
+    assert "boom after selection" in stats["error"]
+    assert ad.method.models.serve_source and len(handed) == 1  # the selection stands and is served
+    assert torch.equal(handed[-1]["image.head.bias"], model.state_dict()["image.head.bias"])

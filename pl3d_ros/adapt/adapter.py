@@ -157,7 +157,7 @@ class Adapter:
             t0 = time.perf_counter()
             index = self._frames
             self._frames += 1
-            snap = None
+            snap = state = None
             stats: dict[str, Any] = {}
             try:
                 snap = self.method.snapshot()
@@ -175,6 +175,7 @@ class Adapter:
                     self._emit_weights()
                 elif state.redeploy:
                     self._emit_weights()
+                    state.redeploy = False  # handed off
                 if state.collapsed:
                     self.memory.clear()  # its pseudo-labels came from the collapsed teacher
                     self._after_step(collapsed=True, stats=stats)
@@ -203,6 +204,10 @@ class Adapter:
                     self.method.reset()
                     self.memory.clear()
                     self._restores += 1
+                    self._emit_weights()
+                elif state is not None and state.redeploy:
+                    # Selection changed the served network before the failure: the rollback
+                    # keeps that choice, so the backend must get it now, not at the next swap.
                     self._emit_weights()
                 stats = {"error": self._last_error}
             self._last_step_ms = (time.perf_counter() - t0) * 1e3

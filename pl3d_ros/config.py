@@ -311,6 +311,10 @@ class AdaptConfig(Section):
                                      "of the source data's own (adapt.gate_reference frames), not the raw shift: a "
                                      "branch trained on other data (an imported image network) is not held down on "
                                      "clean target frames")
+    loss_fusion: str = setting("deployed", "full's fused prediction in the loss terms: the fusion inference deploys "
+                               "(with the shift and consistency terms), or the branches' plain product (tent's): "
+                               "a branch the shift term holds down then still gets the full entropy gradient",
+                               choices=("deployed", "plain"))
     fusion_consistency: float = setting(0.0, "full's fusion: branch log-weight per unit of log temporal consistency "
                                         "of its labels (adapt/consistency.py; needs odometry; 0 = off)",
                                         min=0.0, max=1000.0)

@@ -131,3 +131,26 @@ def test_domain_changes_are_detected_from_the_shift_series():
     det = ShiftChangeDetector()
     spike = [torch.tensor((0.2, 0.2))] * 10 + [torch.tensor((0.6, 0.2))] + [torch.tensor((0.2, 0.2))] * 10
     assert not any(det.observe(s) for s in spike)  # one odd frame is no new domain
+
+
+@pytest.mark.parametrize("loss_fusion", ["deployed", "plain"])
+def test_the_loss_sees_the_deployed_fusion_or_the_plain_product(loss_fusion, monkeypatch):
+    from pl3d_ros.adapt import Adapter
+    from pl3d_ros.adapt import terms
+    from pl3d_ros.config import AdaptConfig, Config
+
+    cfg = Config(class_set="xmuda10", adapt=AdaptConfig(loss_fusion=loss_fusion)).validate()
+    ad = Adapter(small_model(), header(), cfg, seed=0)
+    seen = []
+    real_total = terms.total_loss
+    monkeypatch.setattr(terms, "total_loss", lambda ts, ctx: (seen.append(ctx), real_total(ts, ctx))[1])
+    f = synthetic_frame(0)
+    ad.step(dataclasses.replace(f, image=(f.image // 8).astype(np.uint8)))  # the image branch shifts
+    method = ad.method
+    assert method.fusion_bias is not None and float(method.fusion_bias.abs().max()) > 0
+    ctx = seen[0]
+    p2, p3 = ctx.out.logits_2d.softmax(1), ctx.out.logits_3d.softmax(1)
+    bias = method.fusion_bias if loss_fusion == "deployed" else None
+    assert torch.allclose(ctx.q_fused, fuse(p2, p3, ctx.state.in_view, bias, rule=method.fusion), atol=1e-6)
+    other = None if loss_fusion == "deployed" else method.fusion_bias
+    assert not torch.allclose(ctx.q_fused, fuse(p2, p3, ctx.state.in_view, other, rule=method.fusion), atol=1e-6)

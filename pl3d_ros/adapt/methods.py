@@ -93,6 +93,12 @@ class Method:
         self.fusion = Fusion.of(cfg.runtime.fusion, header)  # the deployed segmenter's (models.points.fuse)
         self.fusion_bias: torch.Tensor | None = None  # branch log-weights of the fusion (None: plain)
 
+    @property
+    def loss_bias(self) -> torch.Tensor | None:
+        """The branch log-weights of the fused prediction the loss terms see: the deployed
+        fusion's, or none (adapt.loss_fusion plain: the branches' plain product, as tent's)."""
+        return self.fusion_bias if self.cfg.adapt.loss_fusion == "deployed" else None
+
     def momentum(self, cfg: Config) -> float:
         """The teacher's EMA momentum (0: the teacher is the student after every step)."""
         return cfg.adapt.teacher_momentum if self.teacher_momentum is None else self.teacher_momentum
@@ -144,7 +150,7 @@ class Method:
         ctxs, total, values = [], None, {}
         for st, out in zip(states, outs):
             out = out.float()
-            _, _, qf = out.probs(st.in_view, self.fusion_bias, rule=self.fusion)
+            _, _, qf = out.probs(st.in_view, self.loss_bias, rule=self.fusion)
             ctx = T.StepContext(st, out, qf)
             if split_fn is not None:
                 split_fn(ctx)

@@ -431,7 +431,7 @@ def test_full_mean_teacher_is_a_component_on_by_default():
 
 def test_full_without_entropy_learns_by_negative_learning_alone_and_skips_steps_with_nothing_to_learn():
     cfg = make_cfg(disable=["entropy"], enable=[], negative_rounds=1, steps_per_frame=2)
-    assert cfg.adapt.components() == ["negative", "mt", "restore", "guard", "fusion", "shift_reset", "select"]
+    assert cfg.adapt.components() == ["negative", "mt", "guard", "fusion", "shift_reset", "select"]
     ad = Adapter(confident_model(), header(), cfg, seed=0)
     stats = ad.step(synthetic_frame(0))
     assert "error" not in stats and ad.health().steps == 2  # step 2: no negative round left, no update

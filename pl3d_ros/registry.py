@@ -77,9 +77,9 @@ COMPONENTS = ("ce", "mla", "gapp", "connectivity", "negative", "erda", "xm", "mt
 #: the real grid it adds +0.62 +- 0.51 (two cells, where a few-point class tips the union mean;
 #: +0.06 +- 0.02 over the classes present), on the continual stream +0.01 +- 0.03. The shift gate
 #: costs -2.81 +- 1.19 on the real grid (it keeps the range branch from adapting to LiDAR shifts
-#: that the BN measure calls small). Source selection
-#: (select) is on since 2026-12-06: +1.22 +- 0.16 on the continual stream, where it keeps `full`
-#: at or above the source in every 50-frame window, and +0.2 on the real grid (night).
+#: that the BN measure calls small). Source selection (select) is on since 2026-12-06: +1.22 +-
+#: 0.16 on the continual stream, where it keeps `full` at or above the source in every 50-frame
+#: window, and +0.2 on the real grid (night).
 OFF_BY_DEFAULT = ("ce", "mla", "gapp", "connectivity", "erda", "xm", "gate", "restore")
 
 #: The components that are loss terms: ``full`` needs one of them on.

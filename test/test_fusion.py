@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from fakes import header, small_model, synthetic_frame
+from pl3d_ros.adapt import Adapter, terms
 from pl3d_ros.adapt.fusion import BranchShift
+from pl3d_ros.config import AdaptConfig, Config
 from pl3d_ros.inputs import forward_points, prepare
 from pl3d_ros.models.points import RANGE_ONLY, SHARED, Fusion, fuse
 from pl3d_ros.pipeline import FUSION_KEY, Segmenter
@@ -135,10 +137,6 @@ def test_domain_changes_are_detected_from_the_shift_series():
 
 @pytest.mark.parametrize("loss_fusion", ["deployed", "plain"])
 def test_the_loss_sees_the_deployed_fusion_or_the_plain_product(loss_fusion, monkeypatch):
-    from pl3d_ros.adapt import Adapter
-    from pl3d_ros.adapt import terms
-    from pl3d_ros.config import AdaptConfig, Config
-
     cfg = Config(class_set="xmuda10", adapt=AdaptConfig(loss_fusion=loss_fusion)).validate()
     ad = Adapter(small_model(), header(), cfg, seed=0)
     seen = []

@@ -64,22 +64,10 @@ METHODS = Registry("adaptation method", {
 COMPONENTS = ("ce", "mla", "gapp", "connectivity", "negative", "erda", "xm", "mt", "restore", "guard", "fusion",
               "shift_reset", "entropy", "gate", "select")
 
-#: The components of ``full`` that did not add 0.3 mIoU in the benchmark (README "Online
-#: adaptation"; issue 13): they stay in the code, measured as "full+X" rows of the grids, and are
-#: off unless ``adapt.enable`` names them. On corrupted KITTI the self-training losses (CE on
-#: pseudo-labels ~60 % precise under shift, ERDA, the cross-modal KL) cost mIoU in one step per
-#: frame; MLA / GAPP / connectivity only act through the CE. The mean teacher is on since the
-#: product fusion (2026-12-06): on the real grid it adds +0.94 +- 0.80 fused mIoU (+1.00 +- 0.18
-#: over the classes present), on the continual stream it costs -0.35 +- 0.21 (under the old
-#: entropy mixture it cost -3.2 on fog). The stochastic restore is off since 2026-12-06: under
-#: today's defaults it adds -0.03 +- 0.04 on the real grid and -0.01 +- 0.03 on the continual
-#: stream (under the old mixture, +0.52 +- 0.63 on the real grid). Negative learning stays on: on
-#: the real grid it adds +0.62 +- 0.51 (two cells, where a few-point class tips the union mean;
-#: +0.06 +- 0.02 over the classes present), on the continual stream +0.01 +- 0.03. The shift gate
-#: costs -2.81 +- 1.19 on the real grid (it keeps the range branch from adapting to LiDAR shifts
-#: that the BN measure calls small). Source selection (select) is on since 2026-12-06: +1.22 +-
-#: 0.16 on the continual stream, where it keeps `full` at or above the source in every 50-frame
-#: window, and +0.2 on the real grid (night).
+#: The components of ``full`` that did not add 0.3 mIoU in the benchmark: they stay in the code,
+#: measured as "full+X" rows of the grids, and are off unless ``adapt.enable`` names them. Every
+#: component's measured effect, and why each is on or off, is in the README ("Online adaptation",
+#: "Today's components, ablated again under today's defaults"); the figures live there only.
 OFF_BY_DEFAULT = ("ce", "mla", "gapp", "connectivity", "erda", "xm", "gate", "restore")
 
 #: The components that are loss terms: ``full`` needs one of them on.

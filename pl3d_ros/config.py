@@ -349,8 +349,10 @@ class AdaptConfig(Section):
     collapse_window: int = setting(20, "collapse guard window", unit="frames", min=1)
     collapse_max_class_share: float = setting(0.95, "collapse: share of the most frequent predicted class above this",
                                               min=0.0, max=1.0)
-    collapse_max_disagreement: float = setting(0.6, "collapse: disagreement with the frozen source model above this",
-                                               min=0.0, max=1.0)
+    collapse_max_disagreement: float = setting(1.0, "collapse: disagreement with the frozen source model above this "
+                                               "(1 = never: where the source is the worse model, as in the sim "
+                                               "mixed domain, the adapted one disagrees with it by 0.6 without any "
+                                               "collapse)", min=0.0, max=1.0)
     checkpoint_every_steps: int = setting(100, "periodic checkpoint of the adapted teacher every n steps", min=1)
     checkpoint_path: str = setting("", "adapted checkpoint (periodic, at shutdown, ~/save_checkpoint); \"\" = none")
     resume: str = setting("source", "start from the source, or from the adapted checkpoint_path when it exists",

@@ -283,6 +283,20 @@ def test_collapse_guard_triggers_on_a_constant_predictor_after_a_full_window():
     assert not any(g2.observe(same, same).triggered for _ in range(4))
 
 
+def test_collapse_guard_defaults_fire_on_one_class_not_on_disagreement_alone():
+    # A teacher that disagrees with a poor source on 70 % of the points is not collapsed (the sim
+    # mixed domain: 0.60 disagreement at a 0.31 class share); one class everywhere is.
+    from pl3d_ros.config import Config
+
+    a = Config().adapt
+    g = CollapseGuard(4, 2, a.collapse_max_class_share, a.collapse_max_disagreement)
+    rng = np.random.default_rng(0)
+    teacher = rng.integers(0, 4, 1000)
+    source = np.where(rng.random(1000) < 0.7, (teacher + 1) % 4, teacher)
+    assert not any(g.observe(teacher, source).triggered for _ in range(4))
+    assert any(g.observe(np.zeros(1000, np.int64), source).triggered for _ in range(2))
+
+
 def test_teacher_warm_up_follows_the_student_early_then_settles_at_the_momentum():
     from pl3d_ros.adapt.teacher import TeacherStudent
 

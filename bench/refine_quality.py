@@ -149,6 +149,8 @@ def top_at_base_density(stream: Stream, labels: np.ndarray, confidence: np.ndarr
 
 
 def label_stream(model, header, frames: list, cfg0: Config, temporal: int = 0) -> Stream:
+    """The source model's base pseudo-labels of every frame, in order (the class-wise thresholds
+    run over the stream); with ``temporal`` K > 0 also the probabilities averaged over K scans."""
     cs = header.class_set
     labeler = PseudoLabeler(cs.num_classes, cfg0.pseudo_labels.median_window_frames, cfg0.pseudo_labels.confidence_cap)
     rule = Fusion.of(cfg0.runtime.fusion, header)

@@ -60,6 +60,7 @@ from pl3d_ros.inputs import forward_points  # noqa: E402
 from pl3d_ros.io.sources import open_source  # noqa: E402
 from pl3d_ros.models.checkpoint import load_checkpoint  # noqa: E402
 from pl3d_ros.models.points import Fusion  # noqa: E402
+from pl3d_ros.transforms import invert  # noqa: E402
 
 #: name -> refine.* settings
 CONFIGS = {
@@ -127,7 +128,7 @@ def temporal_average(frames: list, fused: list[np.ndarray], k: int) -> list[np.n
             g = frames[j]
             if f.pose is None or g.pose is None or g.stamp_ns >= frames[j + 1].stamp_ns:
                 break
-            rel = np.linalg.inv(f.pose) @ g.pose
+            rel = invert(f.pose) @ g.pose
             pts = np.asarray(g.points[:, :3], np.float64) @ rel[:3, :3].T + rel[:3, 3]
             d, nn = cKDTree(pts).query(np.asarray(f.points[:, :3], np.float64), distance_upper_bound=TEMPORAL_RADIUS_M)
             ok = np.isfinite(d)

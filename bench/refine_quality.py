@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -100,12 +101,17 @@ class Stream:
         ev = has & (self.view_gt >= 0)
         return int(has.sum()), int(ev.sum()), int((labels[ev] == self.view_gt[ev]).sum())
 
+    @functools.cached_property
+    def free_by_confidence(self) -> np.ndarray:
+        """Indices of the unlabelled points, most confident first (sorted once per stream)."""
+        free = np.flatnonzero(self.view_base < 0)
+        return free[np.argsort(-self.view_conf[free], kind="stable")]
+
     def by_confidence(self, added: int) -> np.ndarray:
         """(V,) base labels plus the ``added`` unlabelled points the model is most confident
         about, labelled with its argmax."""
         out = self.view_base.copy()
-        free = np.flatnonzero(out < 0)
-        take = free[np.argsort(-self.view_conf[free], kind="stable")[:max(0, added)]]
+        take = self.free_by_confidence[:max(0, added)]
         out[take] = self.view_argmax[take]
         return out
 
@@ -211,6 +217,13 @@ def frontier(stream: Stream, steps: int = 21) -> list[tuple[float, float]]:
     return pts
 
 
+def _figures(row: dict, cname: str) -> dict:
+    """One stream-and-seed row's figures of configuration ``cname``, or of the ceiling."""
+    if cname == "ceiling":
+        return {"ratio": row["ceiling_ratio"], "d_prec": row["ceiling_d_prec"]}
+    return row["configs"][cname]
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -302,16 +315,10 @@ def main() -> None:
     print(f"\nmean over the {len(shifts)} shifts, mean +- std over the {len(seeds)} seeds:")
     summary = {}
     for cname in [*configs, "ceiling"]:
-        per_seed = {k: [] for k in ("ratio", "d_prec", "conf_d_prec")}
-        for i in range(len(seeds)):
-            rows = [results["shifts"][s][i] for s in results["shifts"]]
-            if cname == "ceiling":
-                per_seed["ratio"].append(np.mean([r["ceiling_ratio"] for r in rows]))
-                per_seed["d_prec"].append(np.mean([r["ceiling_d_prec"] for r in rows]))
-                per_seed["conf_d_prec"].append(np.mean([r["ceiling_d_prec"] for r in rows]))
-            else:
-                for k in per_seed:
-                    per_seed[k].append(np.mean([r["configs"][cname][k] for r in rows]))
+        keys = ("ratio", "d_prec") if cname == "ceiling" else ("ratio", "d_prec", "conf_d_prec")
+        # per seed: the mean over the shifts
+        per_seed = {k: [np.mean([_figures(results["shifts"][s][i], cname)[k] for s in results["shifts"]])
+                        for i in range(len(seeds))] for k in keys}
         summary[cname] = {k: [float(np.mean(v)), float(np.std(v))] for k, v in per_seed.items()}
         s = summary[cname]
         print(f"  {cname:<14} density x {s['ratio'][0]:.2f} +- {s['ratio'][1]:.2f}, precision "
